@@ -1,0 +1,1 @@
+"""Prompt sources: dataset files and offline problem generators."""

@@ -1,0 +1,1 @@
+"""Loading causal LMs and tokenizers, LoRA wrapping, per-token log-probs, tiny test models, the demo model."""

@@ -1,0 +1,1 @@
+"""YAML recipes runnable with `posttrain train`."""

@@ -1,0 +1,1 @@
+"""The reward-function interface, loading user functions, weighted combination, built-in rewards."""

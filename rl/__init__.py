@@ -1,0 +1,1 @@
+"""Advantages, losses, KL estimators, reduction; the Ray learner; the training controllers."""

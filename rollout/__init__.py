@@ -1,0 +1,1 @@
+"""Inference engines behind one interface, the Ray rollout worker, sampling parameters."""

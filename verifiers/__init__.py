@@ -1,0 +1,1 @@
+"""Pure checkers: math answer extraction and equivalence."""
