@@ -1,0 +1,102 @@
+"""`posttrain train RECIPE.yaml key=value ...` and `posttrain eval RECIPE.yaml [--model PATH] key=value ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from posttrain.config import ConfigError, RecipeConfig, load_config
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's input at fault: printed as one message, no traceback."""
+    from posttrain.data.sources import DataError
+    from posttrain.rewards.combine import RewardError
+
+    return USER_ERRORS + (DataError, RewardError)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    from posttrain.rl.grpo import run_grpo
+
+    run_grpo(cfg)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
+    cfg = load_config(args.recipe, overrides)
+    if cfg.eval.data is None:
+        raise ConfigError(f"{args.recipe}: `eval.data` is not set; add an eval dataset to the recipe or override it")
+    result = evaluate_recipe(cfg)
+    print(f"{'metric':<32}{'value':>10}")
+    for key, value in result["metrics"].items():
+        print(f"{key:<32}{value:>10.4f}")
+    out = Path(args.output or Path(cfg.output_dir) / f"eval-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def evaluate_recipe(cfg: RecipeConfig) -> dict:
+    """Evaluate `cfg.model` on `cfg.eval.data` in this process (no Ray needed) with the recipe's rewards."""
+    from posttrain.rl import components
+    from posttrain.rl.evaluation import eval_params, score_eval
+    from posttrain.rollout.hf_engine import HFEngine
+
+    specs = components.load_reward_specs(cfg)
+    _, rows = components.load_data(cfg)
+    model_path = components.model_path_of(cfg)
+    fmt = components.PromptFormatter(cfg, model_path)
+    engine = HFEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.rollout.max_batch_size,
+                      num_threads=cfg.train.num_threads)
+    e, r = cfg.eval, cfg.rollout
+    params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, cfg.seed)
+    start = time.perf_counter()
+    results = engine.generate(fmt(rows), params)
+    metrics, records = score_eval(rows, results, specs, components.accuracy_reward_name(cfg),
+                                  cfg.algorithm.on_reward_error)
+    metrics["time/eval"] = time.perf_counter() - start
+    return {"model": cfg.model.path, "num_prompts": len(rows), "n": e.n, "temperature": e.temperature,
+            "metrics": metrics, "samples": records}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="RL post-training for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a training recipe")
+    train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=5 resume=runs/x")
+    train.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="evaluate a model on a recipe's eval set with its rewards")
+    ev.add_argument("recipe", help="the recipe whose eval data, rewards and model to use")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.n=8 eval.temperature=1.0")
+    ev.add_argument("--model", help="a model folder to evaluate instead of the recipe's (e.g. runs/<run>/final)")
+    ev.add_argument("--output", help="where to write the JSON results")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint can be resumed with resume=<run folder>", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""The typed recipe schema: every default lives here, with a one-line doc under each field.
+
+YAML sets it, `key=value` on the command line overrides it (`train.lr=1e-4`, `rewards=[...]`). Unknown keys,
+wrong types and impossible combinations fail before any work starts, naming the key and what is allowed
+(`load_config` raises `ConfigError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, ge=1)
+    """LoRA rank r"""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / rank)"""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """dropout on the LoRA branch"""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """module names that get adapters"""
+
+
+class ModelConfig(_Section):
+    path: str
+    """local folder, hub id, or the alias `smollm2-135m-instruct` (the offline demo model)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """weights dtype for learner and rollout"""
+    lora: LoraConfig | None = None
+    """train a LoRA adapter instead of full weights (the reference model is then the base, adapter off)"""
+    system_prompt: str | None = None
+    """system message put before every prompt"""
+    use_chat_template: bool = True
+    """format prompts with the tokenizer's chat template"""
+
+
+class ArithmeticSource(_Section):
+    kind: Literal["arithmetic"] = "arithmetic"
+    num_problems: int = Field(2000, ge=1)
+    """how many problems to generate"""
+    seed: int = 0
+    """generator seed (use different seeds for train and eval sets)"""
+    min_value: int = 0
+    """smallest operand"""
+    max_value: int = 99
+    """largest operand"""
+    ops: list[Literal["+", "-", "*"]] = ["+"]
+    """operations to sample from"""
+    template: str = "What is {a} {op} {b}?"
+    """question text; `{a}`, `{op}`, `{b}` are filled in"""
+    instruction: str = " Put the final answer in \\boxed{}."
+    """appended to every question"""
+    exclude_seed: int | None = None
+    """drop any problem that the generator with this seed would produce (keeps eval disjoint from train)"""
+    exclude_num_problems: int = 0
+    """how many problems of `exclude_seed` to exclude"""
+
+
+class FileSource(_Section):
+    kind: Literal["file"] = "file"
+    path: str
+    """a JSONL or JSON file (one object per row), resolved against the working directory"""
+    prompt_column: str = "prompt"
+    """the column holding the prompt (a string or a list of chat messages)"""
+    limit: int | None = Field(None, ge=1)
+    """use only the first N rows"""
+
+
+class HubSource(_Section):
+    kind: Literal["hub"] = "hub"
+    name: str
+    """a dataset id or local dataset folder for `datasets.load_dataset` (needs `pip install datasets`)"""
+    subset: str | None = None
+    """the dataset configuration (e.g. `main` for openai/gsm8k)"""
+    split: str = "train"
+    prompt_column: str = "prompt"
+    """the column holding the prompt"""
+    limit: int | None = Field(None, ge=1)
+    """use only the first N rows"""
+    instruction: str = ""
+    """appended to every (string) prompt"""
+
+
+DataSource = Annotated[ArithmeticSource | FileSource | HubSource, Field(discriminator="kind")]
+
+
+class RewardConfig(_Section):
+    fn: str
+    """`path/file.py:name`, `package.module:name` or a built-in (`math_accuracy`, `format`)"""
+    weight: float = 1.0
+    """weight in the summed reward"""
+    name: str | None = None
+    """name in the logs (default: the function's name)"""
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    """inference engine of the rollout workers"""
+    workers: int = Field(1, ge=1)
+    """number of rollout worker actors"""
+    temperature: float = Field(1.0, gt=0)
+    """sampling temperature (log-probs in the loss use the same temperature)"""
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    """0 disables top-k"""
+    max_new_tokens: int = Field(128, ge=1)
+    """completion length cap, in tokens"""
+    stop: list[str] = []
+    """strings that end a completion"""
+    max_batch_size: int = Field(64, ge=1)
+    """sequences generated at once per worker"""
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["grpo"] = "grpo"
+    """the online algorithm"""
+    prompts_per_step: int = Field(8, ge=1)
+    """distinct prompts per optimizer step"""
+    samples_per_prompt: int = Field(4, ge=1)
+    """completions per prompt (the group size G)"""
+    advantage_std: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group std, the batch std, or not at all (Dr. GRPO)"""
+    eps_low: float = Field(0.2, gt=0, lt=1)
+    """lower clip range of the ratio"""
+    eps_high: float = Field(0.2, gt=0)
+    """upper clip range of the ratio (> eps_low is DAPO's clip-higher)"""
+    kl_coef: float = Field(0.0, ge=0)
+    """weight of the k3 KL to the reference in the loss (0 = no reference forward pass)"""
+    loss_reduction: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """how per-token losses are reduced (see ALGORITHMS.md)"""
+    on_reward_error: Literal["raise", "skip"] = "raise"
+    """a reward function that fails on a sample stops the run, or drops that sample from the step"""
+
+
+class TrainConfig(_Section):
+    steps: int = Field(20, ge=1)
+    """optimizer steps (each = one rollout batch)"""
+    lr: float = Field(1e-5, gt=0)
+    """peak learning rate"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """decay after warmup"""
+    warmup_steps: int = Field(0, ge=0)
+    """linear warmup steps"""
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0)
+    """gradient clipping by global norm"""
+    micro_batch_size: int = Field(8, ge=1)
+    """sequences per forward/backward (gradient accumulation covers the rest)"""
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads per actor (default: all cores)"""
+
+
+class EvalConfig(_Section):
+    data: DataSource | None = None
+    """held-out problems (none = no evaluation)"""
+    every_steps: int = Field(0, ge=0)
+    """evaluate every N steps (0 = only before training and at the end)"""
+    n: int = Field(1, ge=1)
+    """samples per problem (n > 1 reports pass@k)"""
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy"""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """default: rollout.max_new_tokens"""
+    accuracy_reward: str | None = None
+    """which reward (by log name) counts as accuracy: a sample is correct when it scores >= 1 (default: first)"""
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(10, ge=1)
+    """save a resumable checkpoint every N steps (and always at the end)"""
+    keep_last: int = Field(2, ge=1)
+    """older checkpoints are deleted"""
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """`auto` or `ray://...` to join a cluster; none starts a local Ray"""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs for a local Ray (default: all)"""
+
+
+class LoggingConfig(_Section):
+    samples_per_step: int = Field(4, ge=0)
+    """completions written to samples.jsonl each step"""
+    progress: bool = True
+    """show a progress bar"""
+
+
+class RecipeConfig(_Section):
+    name: str = "run"
+    """run name; the run folder is <output_dir>/<name>-<timestamp>"""
+    seed: int = 0
+    """seeds data order, sampling and initialisation"""
+    output_dir: str = "runs"
+    """where run folders are created"""
+    model: ModelConfig
+    data: DataSource
+    """training prompts"""
+    rewards: list[RewardConfig] = Field(min_length=1)
+    """reward functions, summed with their weights"""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    ray: RayConfig = RayConfig()
+    logging: LoggingConfig = LoggingConfig()
+    resume: str | None = None
+    """a run folder to continue from its last checkpoint"""
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RecipeConfig:
+        algo = self.algorithm
+        if algo.samples_per_prompt < 2 and algo.advantage_std != "batch":
+            raise ValueError(
+                "algorithm.samples_per_prompt: group-relative advantages need >= 2 samples per prompt "
+                f"(got {algo.samples_per_prompt}); raise it or set algorithm.advantage_std=batch"
+            )
+        if algo.eps_high < algo.eps_low:
+            raise ValueError(f"algorithm.eps_high ({algo.eps_high}) must be >= algorithm.eps_low ({algo.eps_low})")
+        if self.train.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.train.warmup_steps}) must be <= train.steps ({self.train.steps})"
+            )
+        if self.rollout.engine == "vllm":
+            raise ValueError("rollout.engine: `vllm` is not available yet; allowed: hf")
+        names = [r.name or r.fn.rsplit(":", 1)[-1] for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: two rewards share a log name ({names}); set `name:` on one of them")
+        if self.eval.accuracy_reward is not None and self.eval.accuracy_reward not in names:
+            raise ValueError(f"eval.accuracy_reward: `{self.eval.accuracy_reward}` is not a reward; allowed: {names}")
+        return self
+
+    def reward_names(self) -> list[str]:
+        """Log name of each reward, in order."""
+        return [r.name or r.fn.rsplit(":", 1)[-1] for r in self.rewards]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "model.lora=null"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override `{item}` is not of the form key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override `{item}` has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override `{key}`: cannot parse value `{raw}` ({err})") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override `{key}` conflicts with another override of `{part}`")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `update` into a copy of `base` (dicts merge, everything else replaces)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+_SOURCES = {"arithmetic": ArithmeticSource, "file": FileSource, "hub": HubSource}
+
+
+def _walk(loc: list[str]) -> tuple[list[str], Any]:
+    """Follow a pydantic error path through the schema; returns (readable key path, innermost model or None)."""
+    model: Any = RecipeConfig
+    key: list[str] = []
+    for part in loc:
+        if part in _SOURCES and key and key[-1] == "data":  # discriminated-union tag, not a key
+            model = _SOURCES[part]
+            continue
+        key.append(part)
+        if part.isdigit() and model is not None:  # an item of a list of sections (e.g. rewards.0)
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            model = None
+            continue
+        args = getattr(field.annotation, "__args__", (field.annotation,))  # unwraps X | None and list[X]
+        models = [a for a in args if hasattr(a, "model_fields")]
+        model = models[0] if len(models) == 1 else None  # several: a union resolved by the tag that follows
+    return key, model
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key_path, _ = _walk(loc)
+    key = ".".join(key_path) or "<recipe>"
+    if err["type"] == "extra_forbidden":
+        _, parent = _walk(loc[:-1])
+        allowed = sorted(getattr(parent, "model_fields", {}))
+        hint = difflib.get_close_matches(key_path[-1], allowed, n=1)
+        suggestion = f" (did you mean `{'.'.join(key_path[:-1] + hint)}`?)" if hint else ""
+        return f"unknown key `{key}`{suggestion}; allowed here: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"missing required key `{key}`"
+    if err["type"] == "union_tag_invalid":
+        return f"`{key}.kind`: unknown source {err['input'].get('kind')!r}; allowed: {', '.join(_SOURCES)}"
+    if err["type"] == "union_tag_not_found":
+        return f"`{key}`: needs a `kind` key; allowed: {', '.join(_SOURCES)}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, ") :]
+    return f"`{key}`: {msg}{shown}"
+
+
+def validate_config(raw: dict[str, Any]) -> RecipeConfig:
+    """Build a `RecipeConfig` from a plain dict, turning pydantic errors into one readable `ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a recipe must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return RecipeConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe_error(e) for e in err.errors()]
+        raise ConfigError("invalid recipe:\n  - " + "\n  - ".join(dict.fromkeys(lines))) from None
+
+
+def load_config(recipe: str | Path, overrides: list[str] = ()) -> RecipeConfig:
+    """Read a YAML recipe, apply `key=value` overrides, validate. Raises `ConfigError` naming the file/key."""
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys")
+    raw = deep_merge(raw, parse_overrides(list(overrides)))
+    try:
+        return validate_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def dump_config(cfg: RecipeConfig) -> str:
+    """The fully resolved recipe as YAML (what `config.yaml` in a run folder holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,60 @@
+"""End-of-run outputs: the curves PNG and the summary table printed to the terminal."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+CURVES = [("reward/mean", "reward"), ("kl", "KL to reference"), ("entropy", "entropy"),
+          ("response_length/mean", "response length (tokens)")]
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_curves(rows: list[dict[str, Any]], out_png: Path) -> Path:
+    """A 2x2 PNG of reward (with eval accuracy), KL, entropy and response length against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
+        xs, ys = _series(rows, key)
+        ax.plot(xs, ys, marker=".", label=key)
+        if key == "reward/mean":
+            ex, ey = _series(rows, "eval/accuracy")
+            if ex:
+                ax.plot(ex, ey, marker="o", linestyle="--", label="eval/accuracy")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table: first and last value of the main metrics, eval accuracy before/after, time spent."""
+    train_rows = [r for r in rows if "loss" in r]
+    if not train_rows:
+        return "(no training steps)"
+    lines = [f"{'metric':<28}{'first':>12}{'last':>12}"]
+    for key in ("reward/mean", "kl", "entropy", "response_length/mean", "zero_variance_groups", "grad_norm"):
+        _, ys = _series(train_rows, key)
+        if ys:
+            lines.append(f"{key:<28}{ys[0]:>12.4f}{ys[-1]:>12.4f}")
+    _, acc = _series(rows, "eval/accuracy")
+    if acc:
+        lines.append(f"{'eval/accuracy':<28}{acc[0]:>12.4f}{acc[-1]:>12.4f}")
+    for key in ("time/generate", "time/reward", "time/train", "time/sync", "time/eval"):
+        _, ys = _series(rows, key)
+        if ys:
+            lines.append(f"{key + ' (total s)':<28}{'':>12}{sum(ys):>12.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""A group of rollout workers seen as one engine: prompts are split across them, weights broadcast to all."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from posttrain.rollout.types import PromptResult, SamplingParams
+
+
+class RolloutPool:
+    """Driver-side handle on N `RolloutWorker` actors."""
+
+    def __init__(self, workers: list, timeout_s: float = 3600.0):
+        if not workers:
+            raise ValueError("RolloutPool needs at least one worker")
+        self.workers = workers
+        self.timeout_s = timeout_s
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[PromptResult]:
+        """Results in prompt order. Worker i gets a contiguous slice and the seed `params.seed + i`."""
+        n = len(self.workers)
+        chunk = -(-len(prompts) // n)  # ceil division
+        futures = []
+        for i, worker in enumerate(self.workers):
+            part = prompts[i * chunk : (i + 1) * chunk]
+            if part:
+                seed = None if params.seed is None else params.seed + i
+                futures.append(worker.generate.remote(part, _with_seed(params, seed)))
+        results: list[PromptResult] = []
+        for part in ray.get(futures, timeout=self.timeout_s):
+            results.extend(part)
+        return results
+
+    def load_weights(self, weights_ref: ray.ObjectRef, timeout_s: float = 600.0) -> float:
+        """Broadcast weights already in the object store to every worker; returns wall seconds.
+
+        The reference is wrapped in a list so each worker fetches the tensors itself from the object store
+        (one `put`, N reads) instead of the driver copying them once per worker.
+        """
+        start = time.perf_counter()
+        try:
+            ray.get([w.load_weights.remote([weights_ref]) for w in self.workers], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"weight sync to {len(self.workers)} rollout workers took over {timeout_s} s") from None
+        return time.perf_counter() - start
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
