@@ -266,6 +266,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override `{key}`: cannot parse value `{raw}` ({err})") from None
+        value = _number_or_same(value)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -274,6 +275,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override `{key}` conflicts with another override of `{part}`")
         node[parts[-1]] = value
     return nested
+
+
+def _number_or_same(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` as a string; on the command line people mean the number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,92 @@
+"""Config errors name the key and what is allowed; shipped recipes validate."""
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import ConfigError, load_config, parse_overrides, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"model": {"path": "m"}, "data": {"kind": "arithmetic"}, "rewards": [{"fn": "math_accuracy"}]}
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    return str(info.value)
+
+
+def test_minimal_recipe_gets_documented_defaults():
+    cfg = validate_config(BASE)
+    assert cfg.algorithm.samples_per_prompt == 4 and cfg.algorithm.loss_reduction == "token-mean"
+    assert cfg.reward_names() == ["math_accuracy"]
+
+
+def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
+    msg = _error({**BASE, "train": {"lrr": 1e-4}})
+    assert "unknown key `train.lrr`" in msg and "did you mean `train.lr`" in msg and "micro_batch_size" in msg
+
+
+def test_unknown_key_inside_a_list_item_and_a_data_source():
+    assert "`rewards.0.wieght` (did you mean `rewards.0.weight`?)" in _error({**BASE, "rewards": [{"fn": "f", "wieght": 1}]})
+    msg = _error({**BASE, "data": {"kind": "file", "path": "x", "prompt_col": "q"}})
+    assert "unknown key `data.prompt_col`" in msg and "prompt_column" in msg
+
+
+def test_wrong_type_names_key_and_value():
+    assert "`train.lr`" in _error({**BASE, "train": {"lr": "fast"}}) and "'fast'" in _error({**BASE, "train": {"lr": "fast"}})
+    assert "`rollout.temperature`" in _error({**BASE, "rollout": {"temperature": -1}})
+
+
+def test_missing_and_unknown_source_kind():
+    assert "missing required key `model`" in _error({k: v for k, v in BASE.items() if k != "model"})
+    assert "unknown source 'csv'; allowed: arithmetic, file, hub" in _error({**BASE, "data": {"kind": "csv"}})
+
+
+@pytest.mark.parametrize(
+    "patch, fragment",
+    [
+        ({"algorithm": {"samples_per_prompt": 1}}, "algorithm.samples_per_prompt: group-relative advantages need >= 2"),
+        ({"algorithm": {"eps_low": 0.3, "eps_high": 0.2}}, "algorithm.eps_high (0.2) must be >= algorithm.eps_low"),
+        ({"train": {"steps": 2, "warmup_steps": 5}}, "train.warmup_steps (5) must be <= train.steps (2)"),
+        ({"rewards": [{"fn": "a.py:f"}, {"fn": "b.py:f"}]}, "two rewards share a log name"),
+        ({"eval": {"accuracy_reward": "nope"}}, "eval.accuracy_reward: `nope` is not a reward"),
+    ],
+)
+def test_impossible_combinations(patch, fragment):
+    assert fragment in _error({**BASE, **patch})
+
+
+def test_overrides_parse_yaml_values_into_nested_keys(tmp_path):
+    assert parse_overrides(["train.lr=1e-4", "model.lora=null", "rollout.stop=[a, b]"]) == {
+        "train": {"lr": 1e-4}, "model": {"lora": None}, "rollout": {"stop": ["a", "b"]}
+    }
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["train.lr"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {path: m}\ndata: {kind: arithmetic}\nrewards: [{fn: math_accuracy}]\n")
+    assert load_config(recipe, ["train.steps=7"]).train.steps == 7
+    with pytest.raises(ConfigError, match=r"r.yaml: invalid recipe:\n  - unknown key `train.stepz`"):
+        load_config(recipe, ["train.stepz=7"])
+
+
+def test_missing_or_broken_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "grpo_gsm8k.yaml"])
+def test_shipped_recipes_validate(recipe):
+    cfg = load_config(ROOT / "recipes" / recipe)
+    assert cfg.eval.data is not None and cfg.rewards
+
+
+def test_quickstart_is_grpo_lora_on_the_demo_model_with_64_plus_eval_problems():
+    cfg = load_config(ROOT / "recipes" / "quickstart.yaml")
+    assert cfg.model.path == "smollm2-135m-instruct" and cfg.model.lora is not None
+    assert cfg.eval.data.num_problems >= 64 and cfg.eval.temperature == 0.0
+    assert {r.fn for r in cfg.rewards} >= {"math_accuracy", "format"}
