@@ -1,0 +1,32 @@
+"""The repository root is the package `posttrain`: the wheel holds only `posttrain/` (+ metadata)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_has_only_the_posttrain_package(tmp_path):
+    # --no-build-isolation: setuptools is already in the venv, and CI machines need not download it again
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("posttrain-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert top == {"posttrain", next(t for t in top if t.endswith(".dist-info"))}
+    for module in ("rl/learner.py", "rewards/combine.py", "rollout/hf_engine.py", "models/lora.py",
+                   "verifiers/math.py", "recipes/quickstart.yaml", "cli.py", "config.py"):
+        assert f"posttrain/{module}" in names, module
+    assert not any(n.startswith("posttrain/tests/") for n in names)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "posttrain = posttrain.cli:main" in entry_points
+
+
+def test_console_script_runs():
+    exe = Path(sys.executable).parent / "posttrain"
+    out = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "key=value overrides" in out
