@@ -56,17 +56,25 @@ def evaluate_recipe(cfg: RecipeConfig) -> dict:
     _, rows = components.load_data(cfg)
     model_path = components.model_path_of(cfg)
     fmt = components.PromptFormatter(cfg, model_path)
-    engine = HFEngine(model_path, dtype=cfg.model.dtype, max_batch_size=cfg.rollout.max_batch_size,
-                      num_threads=cfg.train.num_threads)
+    engine = HFEngine(
+        model_path, dtype=cfg.model.dtype, max_batch_size=cfg.rollout.max_batch_size, num_threads=cfg.train.num_threads
+    )
     e, r = cfg.eval, cfg.rollout
     params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, cfg.seed)
     start = time.perf_counter()
     results = engine.generate(fmt(rows), params)
-    metrics, records = score_eval(rows, results, specs, components.accuracy_reward_name(cfg),
-                                  cfg.algorithm.on_reward_error)
+    metrics, records = score_eval(
+        rows, results, specs, components.accuracy_reward_name(cfg), cfg.algorithm.on_reward_error
+    )
     metrics["time/eval"] = time.perf_counter() - start
-    return {"model": cfg.model.path, "num_prompts": len(rows), "n": e.n, "temperature": e.temperature,
-            "metrics": metrics, "samples": records}
+    return {
+        "model": cfg.model.path,
+        "num_prompts": len(rows),
+        "n": e.n,
+        "temperature": e.temperature,
+        "metrics": metrics,
+        "samples": records,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,11 @@ def _arithmetic_triples(seed: int, count: int, src: ArithmeticSource) -> list[tu
     possible = span * span * len(src.ops)
     seen: dict[tuple[int, str, int], None] = {}
     while len(seen) < min(count, possible):
-        triple = (rng.randint(src.min_value, src.max_value), rng.choice(src.ops), rng.randint(src.min_value, src.max_value))
+        triple = (
+            rng.randint(src.min_value, src.max_value),
+            rng.choice(src.ops),
+            rng.randint(src.min_value, src.max_value),
+        )
         seen.setdefault(triple, None)
     return list(seen)
 

@@ -39,7 +39,9 @@ class TrainBatch:
         )
 
 
-def collate(samples: list[Sample], advantages: list[float], pad_token_id: int, max_completion_tokens: int) -> TrainBatch:
+def collate(
+    samples: list[Sample], advantages: list[float], pad_token_id: int, max_completion_tokens: int
+) -> TrainBatch:
     """Pack samples into a right-padded `TrainBatch`.
 
     A sample whose advantage is NaN (its reward was skipped) stays in the batch with an all-zero loss mask, so

@@ -57,9 +57,7 @@ class PromptFormatter:
         self.use_chat_template = cfg.model.use_chat_template
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[str]:
-        return [
-            format_prompt(self.tokenizer, r["prompt"], self.system_prompt, self.use_chat_template) for r in rows
-        ]
+        return [format_prompt(self.tokenizer, r["prompt"], self.system_prompt, self.use_chat_template) for r in rows]
 
 
 def load_data(cfg: RecipeConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

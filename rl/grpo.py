@@ -44,8 +44,16 @@ def to_samples(rows: list[dict[str, Any]], results: list[PromptResult]) -> list[
         columns = {k: v for k, v in row.items() if k != "prompt"}
         for c in res.completions:
             samples.append(
-                Sample(row["prompt"], res.prompt_token_ids, c.text, c.token_ids, c.logprobs, c.finish_reason,
-                       group_id, columns)
+                Sample(
+                    row["prompt"],
+                    res.prompt_token_ids,
+                    c.text,
+                    c.token_ids,
+                    c.logprobs,
+                    c.finish_reason,
+                    group_id,
+                    columns,
+                )
             )
     return samples
 
@@ -56,8 +64,12 @@ def score(samples: list[Sample], specs: list[RewardSpec], on_error: str):
     for key in sorted({k for s in samples for k in s.columns}):
         columns[key] = [s.columns.get(key) for s in samples]
     return score_samples(
-        specs, [s.prompt for s in samples], [s.completion for s in samples], columns,
-        completion_ids=[s.completion_token_ids for s in samples], on_error=on_error,
+        specs,
+        [s.prompt for s in samples],
+        [s.completion for s in samples],
+        columns,
+        completion_ids=[s.completion_token_ids for s in samples],
+        on_error=on_error,
     )
 
 
@@ -102,8 +114,13 @@ class GRPOTrainer:
     def _sampling(self, step: int) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(
-            n=self.cfg.algorithm.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=self.cfg.seed * 100_003 + step,
+            n=self.cfg.algorithm.samples_per_prompt,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop=tuple(r.stop),
+            seed=self.cfg.seed * 100_003 + step,
         )
 
     def _sync_weights(self) -> float:
@@ -117,16 +134,18 @@ class GRPOTrainer:
         start = time.perf_counter()
         params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, self.cfg.seed + step)
         results = self.pool.generate(self.format(self.eval_rows), params)
-        metrics, _ = score_eval(self.eval_rows, results, self.specs, self.accuracy_name,
-                                self.cfg.algorithm.on_reward_error)
+        metrics, _ = score_eval(
+            self.eval_rows, results, self.specs, self.accuracy_name, self.cfg.algorithm.on_reward_error
+        )
         metrics["time/eval"] = time.perf_counter() - start
         return metrics
 
     def train_step(self, step: int) -> tuple[dict[str, float], list[Sample], list[float]]:
         """One GRPO step (1-based `step`); returns metrics, the samples and their total rewards."""
         cfg, algo = self.cfg, self.cfg.algorithm
-        rows = [self.train_rows[i] for i in batch_indices(len(self.train_rows), algo.prompts_per_step, step - 1,
-                                                           cfg.seed)]
+        rows = [
+            self.train_rows[i] for i in batch_indices(len(self.train_rows), algo.prompts_per_step, step - 1, cfg.seed)
+        ]
         t0 = time.perf_counter()
         results = self.pool.generate(self.format(rows), self._sampling(step))
         t1 = time.perf_counter()
@@ -171,8 +190,14 @@ class GRPOTrainer:
             before = self.evaluate(0)
             self.logger.log(0, before)
             print(f"eval before training: accuracy {before['eval/accuracy']:.3f}", file=sys.stderr)
-        bar = tqdm(total=total, initial=self.start_step, desc="grpo", disable=not cfg.logging.progress,
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=total,
+            initial=self.start_step,
+            desc="grpo",
+            disable=not cfg.logging.progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         for step in range(self.start_step + 1, total + 1):
             t0 = time.perf_counter()
             metrics, samples, totals = self.train_step(step)
@@ -181,10 +206,13 @@ class GRPOTrainer:
                 metrics.update(self.evaluate(step))
             metrics["time/step"] = time.perf_counter() - t0
             self.logger.log(step, metrics)
-            self.logger.log_samples(step, [
-                {"prompt": s.prompt, "completion": s.completion, "reward": r}
-                for s, r in zip(samples[: cfg.logging.samples_per_step], totals, strict=False)
-            ])
+            self.logger.log_samples(
+                step,
+                [
+                    {"prompt": s.prompt, "completion": s.completion, "reward": r}
+                    for s, r in zip(samples[: cfg.logging.samples_per_step], totals, strict=False)
+                ],
+            )
             if step % cfg.checkpoint.every_steps == 0 or step == total:
                 self._checkpoint(step)
             postfix = {"reward": f"{metrics['reward/mean']:.3f}", "s/step": f"{metrics['time/step']:.1f}"}
@@ -208,4 +236,3 @@ class GRPOTrainer:
 def run_grpo(cfg: RecipeConfig) -> Path:
     """Train a GRPO recipe end to end; returns the run folder."""
     return GRPOTrainer(cfg).run()
-

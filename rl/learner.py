@@ -119,7 +119,10 @@ class LearnerImpl:
         num_tokens = float(batch.loss_mask_BT.sum())
         if num_tokens == 0:
             raise ValueError("train_step: the batch has no completion tokens with loss (all samples skipped?)")
-        norm = dict(num_tokens=num_tokens, num_seqs=len(batch), max_completion_tokens=batch.max_completion_tokens)
+        # normalisers of the whole optimizer step, so micro-batch losses sum to the full-batch value;
+        # sequences without loss tokens (skipped samples) do not count
+        num_seqs = int((batch.loss_mask_BT.sum(-1) > 0).sum())
+        norm = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_completion_tokens=batch.max_completion_tokens)
         sums = {"loss": 0.0, "pg_loss": 0.0}
         token_stats: dict[str, list[tuple[float, float]]] = {}  # name -> [(masked mean, weight)]
         ratio_min, ratio_max = math.inf, -math.inf

@@ -6,8 +6,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-CURVES = [("reward/mean", "reward"), ("kl", "KL to reference"), ("entropy", "entropy"),
-          ("response_length/mean", "response length (tokens)")]
+CURVES = [
+    ("reward/mean", "reward"),
+    ("kl", "KL to reference"),
+    ("entropy", "entropy"),
+    ("response_length/mean", "response length (tokens)"),
+]
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

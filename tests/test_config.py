@@ -28,13 +28,17 @@ def test_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys():
 
 
 def test_unknown_key_inside_a_list_item_and_a_data_source():
-    assert "`rewards.0.wieght` (did you mean `rewards.0.weight`?)" in _error({**BASE, "rewards": [{"fn": "f", "wieght": 1}]})
+    assert "`rewards.0.wieght` (did you mean `rewards.0.weight`?)" in _error(
+        {**BASE, "rewards": [{"fn": "f", "wieght": 1}]}
+    )
     msg = _error({**BASE, "data": {"kind": "file", "path": "x", "prompt_col": "q"}})
     assert "unknown key `data.prompt_col`" in msg and "prompt_column" in msg
 
 
 def test_wrong_type_names_key_and_value():
-    assert "`train.lr`" in _error({**BASE, "train": {"lr": "fast"}}) and "'fast'" in _error({**BASE, "train": {"lr": "fast"}})
+    assert "`train.lr`" in _error({**BASE, "train": {"lr": "fast"}}) and "'fast'" in _error(
+        {**BASE, "train": {"lr": "fast"}}
+    )
     assert "`rollout.temperature`" in _error({**BASE, "rollout": {"temperature": -1}})
 
 
@@ -59,7 +63,9 @@ def test_impossible_combinations(patch, fragment):
 
 def test_overrides_parse_yaml_values_into_nested_keys(tmp_path):
     assert parse_overrides(["train.lr=1e-4", "model.lora=null", "rollout.stop=[a, b]"]) == {
-        "train": {"lr": 1e-4}, "model": {"lora": None}, "rollout": {"stop": ["a", "b"]}
+        "train": {"lr": 1e-4},
+        "model": {"lora": None},
+        "rollout": {"stop": ["a", "b"]},
     }
     with pytest.raises(ConfigError, match="not of the form key=value"):
         parse_overrides(["train.lr"])

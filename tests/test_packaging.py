@@ -11,15 +11,35 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_wheel_has_only_the_posttrain_package(tmp_path):
     # --no-build-isolation: setuptools is already in the venv, and CI machines need not download it again
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("posttrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"posttrain", next(t for t in top if t.endswith(".dist-info"))}
-    for module in ("rl/learner.py", "rewards/combine.py", "rollout/hf_engine.py", "models/lora.py",
-                   "verifiers/math.py", "recipes/quickstart.yaml", "cli.py", "config.py"):
+    for module in (
+        "rl/learner.py",
+        "rewards/combine.py",
+        "rollout/hf_engine.py",
+        "models/lora.py",
+        "verifiers/math.py",
+        "recipes/quickstart.yaml",
+        "cli.py",
+        "config.py",
+    ):
         assert f"posttrain/{module}" in names, module
     assert not any(n.startswith("posttrain/tests/") for n in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -14,12 +14,16 @@ def test_arithmetic_rows_are_correct_distinct_and_seeded():
     for r in rows:
         a, op, b = r["prompt"].removeprefix("What is ").split("?")[0].split(" ")
         assert int(r["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-    assert rows == arithmetic_rows(ArithmeticSource(num_problems=50, seed=3, ops=["+", "-", "*"], min_value=2, max_value=9))
+    assert rows == arithmetic_rows(
+        ArithmeticSource(num_problems=50, seed=3, ops=["+", "-", "*"], min_value=2, max_value=9)
+    )
 
 
 def test_eval_set_excludes_the_training_problems():
     train = arithmetic_rows(ArithmeticSource(num_problems=500, seed=1, max_value=30))
-    held = arithmetic_rows(ArithmeticSource(num_problems=64, seed=2, max_value=30, exclude_seed=1, exclude_num_problems=500))
+    held = arithmetic_rows(
+        ArithmeticSource(num_problems=64, seed=2, max_value=30, exclude_seed=1, exclude_num_problems=500)
+    )
     assert len(held) == 64 and not {r["prompt"] for r in train} & {r["prompt"] for r in held}
 
 
@@ -34,7 +38,12 @@ def test_batch_order_covers_each_epoch_once_and_is_a_pure_function_of_step():
 
 def test_file_rows_rename_prompt_column_and_name_bad_rows(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n\n" + json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    path.write_text(
+        json.dumps({"question": "1+1?", "answer": "2"})
+        + "\n\n"
+        + json.dumps({"question": "2+2?", "answer": "4"})
+        + "\n"
+    )
     rows = file_rows(FileSource(path=str(path), prompt_column="question"))
     assert rows == [{"answer": "2", "prompt": "1+1?"}, {"answer": "4", "prompt": "2+2?"}]
     with pytest.raises(DataError, match=r"row 0 has no `prompt` column"):

@@ -1,8 +1,8 @@
 """GRPO end to end on a tiny random model through Ray: 1 rollout worker + 1 learner."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,8 +21,17 @@ from posttrain.rl.grpo import GRPOTrainer
 from posttrain.rl.run_dir import read_metrics
 
 REWARD_FILE = Path(__file__).parent / "data" / "length_reward.py"
-REQUIRED = ["step", "loss", "reward/mean", "kl", "entropy", "response_length/mean", "time/generate", "time/train",
-            "time/sync"]
+REQUIRED = [
+    "step",
+    "loss",
+    "reward/mean",
+    "kl",
+    "entropy",
+    "response_length/mean",
+    "time/generate",
+    "time/train",
+    "time/sync",
+]
 
 
 def tiny_recipe(tmp_path: Path, **overrides) -> dict:
@@ -70,18 +79,34 @@ def test_three_grpo_steps_log_metrics_and_sync_weights(tmp_path, ray_session):
     moved = [n for n in learner_w if not torch.equal(learner_w[n], initial[n])]
     assert moved and all("proj" in n for n in moved)  # LoRA: only the adapted projections change
 
-    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "metrics.jsonl", "samples.jsonl", "tensorboard",
-                                                   "checkpoints", "final", "curves.png"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "tensorboard",
+        "checkpoints",
+        "final",
+        "curves.png",
+    }
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-3"]
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
-    torch.testing.assert_close(final.state_dict()["model.layers.0.self_attn.q_proj.weight"],
-                               learner_w["model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(
+        final.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+        learner_w["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def _run_cli(args, **kwargs):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "posttrain.cli", *args], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "posttrain.cli", *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_sigkill_mid_run_then_resume_repeats_and_skips_nothing(tmp_path):

@@ -1,0 +1,123 @@
+"""Loading causal LMs and tokenizers by name or path, dtype names, and turning prompts into model-ready text.
+
+Prompt text convention (every engine and learner relies on it): `format_prompt` returns a string that already
+holds every special token the model expects (chat markers, and the BOS token when the tokenizer normally adds one),
+so it is tokenized with `tokenizer(text, add_special_tokens=False)`; never let the tokenizer add a second BOS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DEMO_MODEL_ALIASES = ("smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a model name to what `from_pretrained` should load.
+
+    The demo aliases ("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", any case) become the local
+    converted demo folder (converted from the GGUF on first use, see `models.demo`); an existing local folder is
+    returned unchanged, and so is anything else (a hub id, loaded by transformers as usual).
+    """
+    if Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    if name_or_path.lower() in DEMO_MODEL_ALIASES:
+        from posttrain.models.demo import demo_model_path
+
+        return str(demo_model_path())
+    return name_or_path
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for "float32"/"fp32", "bfloat16"/"bf16" or "float16"/"fp16"; ValueError otherwise."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a causal LM (`AutoModelForCausalLM`) on CPU in `dtype`; the train/eval mode is left as transformers sets it.
+
+    Args:
+        name_or_path: a local folder, a demo alias or a hub id (see `resolve_model_path`).
+        dtype: a name accepted by `torch_dtype`.
+        trust_remote_code: passed to transformers.
+    Returns:
+        a `PreTrainedModel`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "left"):
+    """Load a tokenizer that always has a pad token (the EOS token when the model defines none).
+
+    Args:
+        name_or_path: a local folder, a demo alias or a hub id (see `resolve_model_path`).
+        padding_side: "left" (generation: prompts end at the same column) or "right" (training batches).
+    Returns:
+        a `PreTrainedTokenizerBase` with `pad_token_id` set.
+    """
+    from transformers import AutoTokenizer
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), padding_side=padding_side)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def format_prompt(
+    tokenizer,
+    prompt: str | list[dict],
+    system_prompt: str | None = None,
+    use_chat_template: bool = True,
+) -> str:
+    """Turn a prompt into the exact text the model continues; tokenize it with `add_special_tokens=False`.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        prompt: a plain string (one user message) or chat messages `[{"role": ..., "content": ...}, ...]`.
+        system_prompt: prepended as a system message, unless the messages already start with their own.
+        use_chat_template: apply the tokenizer's chat template with the generation prompt (the assistant header);
+            when False, or when the tokenizer has no template, the text is used as is: the system prompt, a blank
+            line, then the prompt (message contents joined by blank lines).
+    Returns:
+        the prompt text, starting with the BOS token if (and only if) the tokenizer adds one by default.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if use_chat_template and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "\n\n".join(message["content"] for message in messages)
+    bos = _default_bos(tokenizer)
+    if bos is not None and not text.startswith(bos):
+        text = bos + text
+    return text
+
+
+def _default_bos(tokenizer) -> str | None:
+    """The BOS token text if `tokenizer(text)` prepends it by default (Llama-2 style), else None (SmolLM2, Qwen)."""
+    if tokenizer.bos_token_id is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token if with_special and with_special[0] == tokenizer.bos_token_id else None

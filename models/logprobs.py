@@ -1,0 +1,104 @@
+"""Per-token log-probabilities and entropies of a causal LM on padded batches, aligned with the input ids.
+
+Memory: the vocabulary is large (49k for SmolLM2) and B*T can be thousands, so besides the model's logits at most
+one more full [B, T, V] float tensor is alive (the tempered logits when temperature != 1 or the logits are not
+fp32); log-normalisers and entropies are computed in row chunks, so their temporaries are chunk-sized.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# rows of [*, V] processed at once in the chunked loops: ~16M elements (64 MB fp32) of temporaries per chunk
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, 2, ... counted over real tokens only, so left padding does not shift them.
+
+    attention_mask_BT: [B, T], 1 for tokens, 0 for padding (left or right). Returns [B, T] long; padding gets the
+    position of its nearest earlier token (0 before the first token); its value is irrelevant as it is masked.
+    """
+    return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(
+    model: nn.Module,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of each token under the model's tempered next-token distribution, and that entropy.
+
+    Args:
+        model: a causal LM (plain or peft); called with `input_ids`, `attention_mask` and `position_ids`.
+        input_ids_BT: [B, T] token ids, padded left or right.
+        attention_mask_BT: [B, T], 1 for tokens, 0 for padding.
+        temperature: logits are divided by it (> 0), matching the sampler's temperature.
+        with_entropy: also return the entropy (nats) of the same tempered distribution (no gradient; a metric).
+    Returns:
+        logprobs_BT: [B, T] float32, `log softmax(logits[:, t-1] / temperature)[input_ids[:, t]]`; column 0 (no
+            prediction) and padded positions are 0. Gradients flow into the model. Callers mask prompt positions.
+        entropy_BT: [B, T] float32 (column 0 and padding 0), or None when `with_entropy` is False.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    output = model(
+        input_ids=input_ids_BT,
+        attention_mask=attention_mask_BT,
+        position_ids=position_ids_from_mask(attention_mask_BT),
+        use_cache=False,
+    )
+    logits_BTV = output.logits
+    del output  # keep only the logits alive
+    if logits_BTV.dtype != torch.float32:
+        logits_BTV = logits_BTV.float()  # log-probs in bf16 lose ~3 digits
+        if temperature != 1.0:
+            logits_BTV.div_(temperature)  # in place: ToCopyBackward keeps no tensor, so this is autograd-safe
+    elif temperature != 1.0:
+        logits_BTV = logits_BTV / temperature
+
+    # position t-1 predicts token t
+    pred_NV = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])  # N = B*(T-1)
+    targets_N = input_ids_BT[:, 1:].reshape(-1)
+    lse_N, entropy_N = _chunked_lse_and_entropy(pred_NV, with_entropy)
+    logprobs_N = pred_NV.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1) - lse_N
+
+    batch_size = input_ids_BT.shape[0]
+    valid_BT = attention_mask_BT.bool().clone()
+    valid_BT[:, 0] = False
+    logprobs_BT = _align(logprobs_N.view(batch_size, -1), valid_BT)
+    entropy_BT = _align(entropy_N.view(batch_size, -1), valid_BT) if entropy_N is not None else None
+    return logprobs_BT, entropy_BT
+
+
+def _chunked_lse_and_entropy(logits_NV: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row-wise logsumexp (differentiable) and entropy (no grad) of [N, V] logits, in chunks of rows.
+
+    Returns lse_N [N] and entropy_N [N] (or None): H = -sum_v p_v log p_v with log p = logits - lse.
+    """
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, logits_NV.shape[-1]))
+    lse_chunks, entropy_chunks = [], []
+    for start in range(0, logits_NV.shape[0], rows_per_chunk):
+        chunk_nV = logits_NV[start : start + rows_per_chunk]
+        lse_n = torch.logsumexp(chunk_nV, dim=-1)
+        lse_chunks.append(lse_n)
+        if with_entropy:
+            with torch.no_grad():
+                logp_nV = chunk_nV - lse_n.unsqueeze(-1)
+                entropy_chunks.append(-(logp_nV.exp() * logp_nV).sum(-1))
+    empty = logits_NV.new_zeros(0)
+    lse_N = torch.cat(lse_chunks) if lse_chunks else empty
+    entropy_N = (torch.cat(entropy_chunks) if entropy_chunks else empty) if with_entropy else None
+    return lse_N, entropy_N
+
+
+def _align(values_BTm1: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
+    """Shift [B, T-1] per-prediction values to [B, T] token columns, with 0 where `valid_BT` is False.
+
+    torch.where (not a multiply) so that garbage at padded positions can never leak as NaN * 0.
+    """
+    padded_BT = torch.cat([values_BTm1.new_zeros(values_BTm1.shape[0], 1), values_BTm1], dim=1)
+    return torch.where(valid_BT, padded_BT, torch.zeros_like(padded_BT))

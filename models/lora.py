@@ -1,0 +1,175 @@
+"""LoRA wrapping (peft) and merged weights for syncing into inference engines or saving a plain HF folder.
+
+LoRA (Hu et al. 2021, eq. 3): a target linear layer computes `W x + scale * B A x` with `A: [r, in]`,
+`B: [out, r]` and `scale = alpha / r`. The merged weight `W + scale * B @ A` makes a plain copy of the base
+architecture compute the same function (up to float rounding), which is what rollout engines load.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (peft `LoraConfig` subset)."""
+
+    rank: int = 16
+    """r: the inner dimension of the low-rank update."""
+    alpha: float = 32.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch input during training."""
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    """Names (suffixes) of the linear layers that get an adapter."""
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings):
+    """Wrap `model` with fresh LoRA adapters (B = 0, so the output is unchanged at first); returns a `PeftModel`.
+
+    Only the adapter weights are trainable afterwards. The base model is modified in place (layers replaced).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type=TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, config)
+
+
+def merged_state_dict(model: nn.Module, only_lora_targets: bool = False) -> dict[str, torch.Tensor]:
+    """Weights that a plain (non-peft) copy of the base architecture loads to compute what `model` computes.
+
+    Args:
+        model: a `PeftModel` with LoRA adapters, or a plain `nn.Module`.
+        only_lora_targets: for a PeftModel, return only the layers that carry adapters (their merged weight and
+            their unchanged bias, if any): the part of a sync that changes during LoRA training. Ignored for plain
+            models.
+    Returns:
+        `{plain parameter name: tensor}` keyed like the base model's own `state_dict()` (e.g.
+        `model.layers.0.self_attn.q_proj.weight`; no `base_model.model.` prefix, no `base_layer`, no lora keys);
+        tensors are detached, contiguous CPU copies in the base weights' dtype. `model` is not modified: the merge
+        `W + sum over active adapters of scale * B @ A` is computed out of place.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return {name: _cpu_copy(tensor) for name, tensor in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        _collect_plain(model.get_base_model(), "", out, only_lora_targets)
+    return out
+
+
+def _collect_plain(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], only_lora_targets: bool) -> None:
+    """Walk `module` (a peft-injected model) writing plain-named CPU tensors into `out`."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    if isinstance(module, LoraLayer):
+        out.update(_merged_lora_layer(module, prefix))
+        return
+    if isinstance(module, ModulesToSaveWrapper):
+        # a fully trained copy of a module (e.g. lm_head): the plain model loads the copy that forward uses
+        chosen = module.modules_to_save[module.active_adapter] if module.active_adapters else module.original_module
+        _collect_plain(chosen, prefix, out, only_lora_targets)
+        return
+    if not only_lora_targets:
+        for name, param in module.named_parameters(recurse=False):
+            out[prefix + name] = _cpu_copy(param)
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                out[prefix + name] = _cpu_copy(buffer)
+    for name, child in module.named_children():
+        _collect_plain(child, f"{prefix}{name}.", out, only_lora_targets)
+
+
+def _merged_lora_layer(layer, prefix: str) -> dict[str, torch.Tensor]:
+    """The base layer's tensors with `weight` replaced by W + sum(scale * B @ A) over the active, unmerged adapters."""
+    base = layer.get_base_layer()
+    weight = base.weight
+    if type(weight) not in (torch.Tensor, nn.Parameter):  # e.g. bitsandbytes Params4bit
+        raise NotImplementedError(f"merging into a quantized base layer ({type(weight).__name__}) is not supported")
+    merged = weight.detach().to(torch.float32)
+    if not layer.disable_adapters:
+        for adapter in layer.active_adapters:
+            if adapter not in layer.lora_A or adapter in layer.merged_adapters:
+                continue  # adapter not on this layer, or already folded into W by peft's merge_adapter()
+            if layer.use_dora.get(adapter, False) or layer.lora_bias.get(adapter, False):
+                raise NotImplementedError(f"merging DoRA / lora_bias adapters is not supported ({prefix})")
+            merged = merged + layer.get_delta_weight(adapter).to(torch.float32)
+    tensors = {f"{prefix}{name}": _cpu_copy(tensor) for name, tensor in base.state_dict().items()}
+    tensors[f"{prefix}weight"] = _cpu_copy(merged.to(weight.dtype))
+    return tensors
+
+
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous CPU tensor that shares no memory with `tensor`."""
+    tensor = tensor.detach()
+    tensor = tensor.cpu() if tensor.device.type != "cpu" else tensor.clone()
+    return tensor.contiguous()
+
+
+def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write a plain HF folder (merged weights for a PeftModel) loadable by `AutoModelForCausalLM.from_pretrained`.
+
+    Args:
+        model: a `PeftModel` or a plain `PreTrainedModel`.
+        tokenizer: saved next to the weights; None to skip.
+        out_dir: the folder to (re)place. It is written into a temporary sibling folder and renamed at the end, so a
+            crash never leaves a half-written `out_dir`; an existing `out_dir` is replaced.
+    Returns:
+        `out_dir` as a Path.
+    """
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-tmp-", dir=out_dir.parent))
+    try:
+        plain = _plain_copy(model) if isinstance(model, PeftModel) else model
+        plain.save_pretrained(tmp_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp_dir)
+        os.chmod(tmp_dir, 0o755)
+        _replace_dir(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def _plain_copy(peft_model) -> nn.Module:
+    """A fresh plain model of the base architecture on CPU holding the merged weights (costs one model of memory)."""
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    state = merged_state_dict(peft_model)
+    plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+    plain.load_state_dict(state, strict=True)
+    if base.generation_config is not None:
+        plain.generation_config = base.generation_config
+    return plain
+
+
+def _replace_dir(new_dir: Path, out_dir: Path) -> None:
+    """Move `new_dir` to `out_dir`, replacing an existing `out_dir` (renamed aside first, then deleted)."""
+    if not out_dir.exists():
+        os.rename(new_dir, out_dir)
+        return
+    old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+    os.rename(out_dir, old_dir / "previous")
+    os.rename(new_dir, out_dir)
+    shutil.rmtree(old_dir, ignore_errors=True)

@@ -1,0 +1,244 @@
+"""Score a batch of completions with several reward functions and combine them with weights.
+
+Reward functions follow TRL GRPOTrainer's interface: `fn(prompts=..., completions=..., completion_ids=...,
+**dataset_columns) -> list[float | None]`, called with keyword arguments exactly as TRL calls them, so TRL
+functions work unchanged. `None` means "not applicable to this sample". `async def` functions are awaited,
+concurrently with each other.
+
+Failures are loud: a function that raises, returns the wrong shape, or returns something that is not a finite
+real number fails the batch (`on_error="raise"`) or, where the failure is pinned to samples, drops those samples
+(`on_error="skip"`). A sample that no function scored is a failure too, never a silent zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+_PREVIEW_CHARS = 200
+
+
+@dataclass
+class RewardSpec:
+    """One reward function, the name it is logged under, and its weight in the total (may be 0 or negative)."""
+
+    fn: Callable[..., Any]
+    name: str
+    weight: float = 1.0
+
+
+class RewardError(Exception):
+    """A reward function failed; the message names the function and, where known, the offending sample."""
+
+
+@dataclass
+class RewardScores:
+    """Scores of one batch of B samples."""
+
+    total: list[float]
+    """[B] weighted sum over the functions that returned a number; NaN for a skipped sample"""
+    per_function: dict[str, list[float | None]] = field(default_factory=dict)
+    """name -> [B] the function's values as floats (bool -> 0/1), None where not applicable or skipped"""
+    skipped: list[int] = field(default_factory=list)
+    """indices of the samples dropped with on_error="skip", ascending"""
+    errors: list[str] = field(default_factory=list)
+    """one message per skipped sample, in the order of `skipped`"""
+
+
+@dataclass
+class _Failure:
+    """A failure pinned to one sample."""
+
+    message: str
+    index: int
+    cause: BaseException | None = None
+
+
+def _preview(value: Any) -> str:
+    if isinstance(value, list):  # conversational: [{"role": ..., "content": ...}, ...]
+        value = " | ".join(f"{m.get('role')}: {m.get('content')}" if isinstance(m, dict) else str(m) for m in value)
+    text = str(value)
+    return repr(text[:_PREVIEW_CHARS] + ("..." if len(text) > _PREVIEW_CHARS else ""))
+
+
+def _sample_message(name: str | None, index: int, what: str, prompts: list, completions: list) -> str:
+    who = f"reward function {name!r} failed on" if name else "no reward function scored"
+    return (
+        f"{who} sample {index}: {what}\n"
+        f"  prompt: {_preview(prompts[index])}\n  completion: {_preview(completions[index])}"
+    )
+
+
+def _run_coroutine(coroutine: Any) -> Any:
+    """Run a coroutine to completion whether or not this thread already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    # asyncio.run refuses to nest inside a running loop: use a fresh loop in a fresh thread (blocks the caller).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def _call_all(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[Any]:
+    """Call each fn(**kwargs); await the async ones concurrently. An exception is returned in place of a result."""
+    results: list[Any] = []
+    pending: dict[int, Any] = {}
+    for fn, kwargs in calls:
+        try:
+            result = fn(**kwargs)
+        except Exception as error:
+            result = error
+        if inspect.isawaitable(result):
+            pending[len(results)] = result
+        results.append(result)
+    if pending:
+
+        async def gather() -> list[Any]:
+            return await asyncio.gather(*pending.values(), return_exceptions=True)
+
+        for position, value in zip(pending, _run_coroutine(gather()), strict=True):
+            results[position] = value
+    return results
+
+
+def _check_values(name: str, output: Any, batch_size: int) -> tuple[list[float | None], list[_Failure]]:
+    """Floats (or None) from one function's output, plus a failure for each value that is not a finite number."""
+    if not isinstance(output, list | tuple):
+        raise RewardError(f"reward function {name!r} returned {type(output).__name__}, expected a list of floats")
+    if len(output) != batch_size:
+        raise RewardError(f"reward function {name!r} returned {len(output)} values for {batch_size} samples")
+    values: list[float | None] = []
+    failures = []
+    for index, value in enumerate(output):
+        number = float(value) if isinstance(value, numbers.Real) else None
+        if value is not None and (number is None or not math.isfinite(number)):
+            shown = repr(value)[:_PREVIEW_CHARS]
+            failures.append(_Failure(f"returned {shown} (expected a finite real number or None)", index))
+            number = None
+        values.append(number)
+    return values, failures
+
+
+def _one_sample_kwargs(kwargs: dict[str, Any], index: int) -> dict[str, Any]:
+    return {key: column[index : index + 1] for key, column in kwargs.items()}
+
+
+def _values_one_at_a_time(spec: RewardSpec, kwargs: dict[str, Any], batch_error: BaseException, batch_size: int):
+    """After a whole-batch call raised, call the function per sample to find which samples make it raise."""
+    outputs = _call_all([(spec.fn, _one_sample_kwargs(kwargs, i)) for i in range(batch_size)])
+    values: list[float | None] = []
+    failures: list[_Failure] = []
+    for index, output in enumerate(outputs):
+        if isinstance(output, BaseException):
+            failures.append(_Failure(f"raised {type(output).__name__}: {output}", index, output))
+            values.append(None)
+            continue
+        (value,), value_failures = _check_values(spec.name, output, 1)
+        failures += [_Failure(f.message, index) for f in value_failures]
+        values.append(value)
+    if not failures:  # raises on the batch but on no single sample: nothing to pin, so nothing to skip
+        raise RewardError(
+            f"reward function {spec.name!r} raised {type(batch_error).__name__}: {batch_error} on the batch of "
+            f"{batch_size}, but on no single sample"
+        ) from batch_error
+    return values, failures
+
+
+def score_samples(
+    specs: list[RewardSpec],
+    prompts: list,
+    completions: list,
+    columns: dict[str, list],
+    completion_ids: list[list[int]] | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> RewardScores:
+    """Score B samples with every reward function and combine the results with the specs' weights.
+
+    `prompts`, `completions`: [B] strings or chat message lists; `columns`: dataset column name -> [B] values,
+    passed to every function as keyword arguments; `completion_ids`: [B] token-id lists, passed as
+    `completion_ids` when given. With on_error="raise" the first failure raises `RewardError`; with "skip" the
+    samples a failure is pinned to get a NaN total and are listed in `skipped`/`errors`. A wrong-length or
+    non-list output, and a function failing on every sample of a batch (B > 1), are bugs and raise in both
+    modes. Functions that raise on the whole batch are called again one sample at a time to find the culprit,
+    so they must tolerate being called twice.
+    """
+    if not specs:
+        raise ValueError("score_samples needs at least one reward function")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    batch_size = len(completions)
+    kwargs: dict[str, Any] = {"prompts": prompts, "completions": completions, **columns}
+    if completion_ids is not None:
+        kwargs["completion_ids"] = completion_ids
+    for key, column in kwargs.items():
+        if len(column) != batch_size:
+            raise ValueError(f"{key!r} has {len(column)} entries for {batch_size} completions")
+    if len({spec.name for spec in specs}) != len(specs):
+        raise ValueError(f"reward function names must be unique, got {[spec.name for spec in specs]}")
+
+    per_function: dict[str, list[float | None]] = {}
+    failures: list[tuple[str | None, _Failure]] = []  # (function name, or None when no function scored it)
+    for spec, output in zip(specs, _call_all([(spec.fn, kwargs) for spec in specs]), strict=True):
+        if isinstance(output, BaseException):
+            values, spec_failures = _values_one_at_a_time(spec, kwargs, output, batch_size)
+        else:
+            values, spec_failures = _check_values(spec.name, output, batch_size)
+        if batch_size > 1 and len({failure.index for failure in spec_failures}) == batch_size:
+            first = spec_failures[0]  # failing on every sample is a bug in the function, never a reason to skip
+            what = f"{first.message} (and on all {batch_size} samples of the batch)"
+            raise RewardError(_sample_message(spec.name, first.index, what, prompts, completions)) from first.cause
+        per_function[spec.name] = values
+        failures += [(spec.name, failure) for failure in spec_failures]
+    for index in range(batch_size):
+        if all(values[index] is None for values in per_function.values()):
+            if not any(failure.index == index for _, failure in failures):
+                failures.append((None, _Failure(f"all of {list(per_function)} returned None", index)))
+
+    errors_by_index: dict[int, str] = {}
+    for name, failure in failures:
+        message = _sample_message(name, failure.index, failure.message, prompts, completions)
+        if on_error == "raise":
+            raise RewardError(message) from failure.cause
+        errors_by_index.setdefault(failure.index, message)
+    return _combine(specs, per_function, errors_by_index, batch_size)
+
+
+def _combine(
+    specs: list[RewardSpec], per_function: dict[str, list[float | None]], errors: dict[int, str], batch_size: int
+) -> RewardScores:
+    total = []
+    for index in range(batch_size):
+        if index in errors:
+            total.append(math.nan)
+            for values in per_function.values():
+                values[index] = None
+            continue
+        scored = [(spec.weight, per_function[spec.name][index]) for spec in specs]
+        total.append(math.fsum(weight * value for weight, value in scored if value is not None))
+    skipped = sorted(errors)
+    return RewardScores(total, per_function, skipped, [errors[index] for index in skipped])
+
+
+def reward_metrics(scores: RewardScores) -> dict[str, float]:
+    """Per-step logging: `reward/mean`, `reward/std` (population) over the scored samples, `reward/skipped`
+    (count), and per function `reward/<name>/mean` over its non-None values plus `reward/<name>/count`.
+    A mean or std with no values to average is left out rather than logged as 0 or NaN."""
+    metrics: dict[str, float] = {"reward/skipped": float(len(scores.skipped))}
+    totals = [value for value in scores.total if not math.isnan(value)]
+    if totals:
+        mean = math.fsum(totals) / len(totals)
+        metrics["reward/mean"] = mean
+        metrics["reward/std"] = math.sqrt(math.fsum((value - mean) ** 2 for value in totals) / len(totals))
+    for name, values in scores.per_function.items():
+        present = [value for value in values if value is not None]
+        metrics[f"reward/{name}/count"] = float(len(present))
+        if present:
+            metrics[f"reward/{name}/mean"] = math.fsum(present) / len(present)
+    return metrics

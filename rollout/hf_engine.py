@@ -1,0 +1,249 @@
+"""The `hf` inference engine: transformers `generate` on one model, batched, with the sampler's per-token log-probs.
+
+Log-probs are what RL importance ratios are built on, so they must equal a teacher-forced recomputation
+`log_softmax(logits / T)` of the same model. They are recorded while generating by a logits processor that runs
+before the sampling warpers (temperature, top-k, top-p are appended after user processors by `generate`), so it sees
+the raw float32 logits. This keeps one `[B, V]` row per step in memory instead of `output_logits=True`, which would
+hold every step's logits (`B x T x V` floats: 20 GB for 64 x 512 tokens at a 151k vocabulary). For the same reason
+the model's own `generation_config` (a hub model's sampling defaults, repetition penalty, suppressed tokens) is
+replaced by one that holds only the special token ids: nothing but `SamplingParams` shapes the sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from os import PathLike
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
+
+from posttrain.models.loading import load_model, load_tokenizer
+from posttrain.rollout.engine import InferenceEngine, Prompts, check_weight_update, tokenize_prompts
+from posttrain.rollout.types import Completion, PromptResult, SamplingParams
+
+
+class HFEngine(InferenceEngine):
+    """transformers `generate` behind the `InferenceEngine` interface.
+
+    Args:
+        model_path: a local HF folder or a name `posttrain.models.loading.load_model` resolves.
+        dtype: "float32", "bfloat16" or "float16".
+        max_batch_size: sequences (prompts x n) generated together; larger batches are processed in chunks.
+        num_threads: torch CPU threads for this process (`torch.set_num_threads`); None leaves the setting alone.
+        device: where the model runs; None picks "cuda" when available, else "cpu".
+    """
+
+    def __init__(
+        self,
+        model_path: str | PathLike,
+        dtype: str = "float32",
+        max_batch_size: int = 64,
+        num_threads: int | None = None,
+        device: str | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._tokenizer = load_tokenizer(str(model_path), padding_side="left")
+        self.model = load_model(str(model_path), dtype=dtype).to(self.device).eval()
+        self.eos_token_ids = _eos_token_ids(self._tokenizer, self.model.generation_config)
+        self.pad_token_id = self._tokenizer.pad_token_id
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=self._tokenizer.bos_token_id, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id
+        )
+        # detached views sharing storage with the parameters: copying into them updates the model in place
+        self._tensors = self.model.state_dict()
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def generate(self, prompts: Prompts, params: SamplingParams) -> list[PromptResult]:
+        """See `InferenceEngine.generate`. Sequences are flattened prompt-major (prompt 0's n samples first)."""
+        prompt_ids = tokenize_prompts(self._tokenizer, prompts)
+        results = [PromptResult(prompt_token_ids=ids) for ids in prompt_ids]
+        owners = [i for i in range(len(prompt_ids)) for _ in range(params.n)]  # flat sequence -> prompt index
+        with _seeded(params.seed, self.device), torch.inference_mode():
+            for start in range(0, len(owners), self.max_batch_size):
+                chunk = owners[start : start + self.max_batch_size]
+                completions = self._generate_batch([prompt_ids[i] for i in chunk], params)
+                for owner, completion in zip(chunk, completions, strict=True):
+                    results[owner].completions.append(completion)
+        return results
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """See `InferenceEngine.load_weights`; tensors are cast to the model's dtype and device."""
+        check_weight_update({name: tensor.shape for name, tensor in self._tensors.items()}, weights)
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                self._tensors[name].copy_(tensor)
+
+    def get_weights(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """See `InferenceEngine.get_weights`; ValueError for an unknown name."""
+        names = list(self._tensors) if names is None else list(names)
+        for name in names:
+            if name not in self._tensors:
+                raise ValueError(f"unknown weight {name!r}: the model has no tensor of that name")
+        return {name: self._tensors[name].detach().to("cpu", copy=True) for name in names}
+
+    def _generate_batch(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """One `generate` call on B <= max_batch_size left-padded prompts; returns B completions."""
+        input_ids_BP, attention_mask_BP = _left_pad(prompt_ids, self.pad_token_id)
+        prompt_width = input_ids_BP.shape[1]
+        # greedy log-probs come from the raw logits (temperature 1)
+        recorder = _ChosenTokenLogprobs(params.temperature or 1.0)
+        stop_strings = (
+            _FirstStopRecorder(StopStringCriteria(self._tokenizer, list(params.stop)), prompt_width)
+            if params.stop
+            else None
+        )
+        sequences_BS = self.model.generate(
+            input_ids=input_ids_BP.to(self.device),
+            attention_mask=attention_mask_BP.to(self.device),
+            **_sampling_kwargs(params),
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            logits_processor=LogitsProcessorList([recorder]),
+            stopping_criteria=StoppingCriteriaList([stop_strings] if stop_strings else []),
+        )
+        new_tokens_BL = sequences_BS[:, prompt_width:].cpu()
+        logprobs_BL = recorder.finish(sequences_BS)[:, : new_tokens_BL.shape[1]].cpu()
+        stop_lengths_B = (
+            stop_strings.lengths_B.tolist() if stop_strings and stop_strings.lengths_B is not None else None
+        )
+        completions = []
+        for row, tokens in enumerate(new_tokens_BL.tolist()):
+            end, finish_reason = self._completion_end(tokens, stop_lengths_B[row] if stop_lengths_B else 0)
+            token_ids = tokens[:end]
+            completions.append(
+                Completion(
+                    token_ids=token_ids,
+                    text=self._tokenizer.decode(token_ids, skip_special_tokens=True),
+                    logprobs=logprobs_BL[row, :end].tolist(),
+                    finish_reason=finish_reason,
+                )
+            )
+        return completions
+
+    def _completion_end(self, tokens: list[int], stop_string_length: int) -> tuple[int, str]:
+        """(number of tokens to keep, finish reason): cut after the first EOS or the token completing a stop string.
+
+        `tokens` is the row of `generate`'s output after the prompt; rows that finished before the longest one are
+        filled with padding after their end. `stop_string_length` is the token count at which a stop string first
+        matched (0: never).
+        """
+        end = next((i + 1 for i, token in enumerate(tokens) if token in self.eos_token_ids), 0)
+        if stop_string_length and (not end or stop_string_length < end):
+            end = stop_string_length
+        return (end, "stop") if end else (len(tokens), "length")
+
+
+class _ChosenTokenLogprobs(LogitsProcessor):
+    """Records `log_softmax(logits / temperature)` of each chosen token, one `[B]` row per generated token.
+
+    `generate` calls logits processors on step t's logits before sampling token t, and the chosen token only shows
+    up as the last column of `input_ids` at step t + 1 (or in the final sequences), so each step's log-softmax is
+    kept until the next call. Returns the logits unchanged.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self._pending_BV: torch.Tensor | None = None
+        self._logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._collect(input_ids)
+        self._pending_BV = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences_BS: torch.Tensor) -> torch.Tensor:
+        """The recorded log-probs `[B, L]` for the L tokens `generate` produced (given its output sequences)."""
+        self._collect(sequences_BS)
+        if not self._logprobs:
+            return torch.zeros(sequences_BS.shape[0], 0)
+        return torch.stack(self._logprobs, dim=1)
+
+    def _collect(self, input_ids: torch.Tensor) -> None:
+        if self._pending_BV is not None:
+            self._logprobs.append(self._pending_BV.gather(1, input_ids[:, -1:]).squeeze(1))
+            self._pending_BV = None
+
+
+class _FirstStopRecorder(StoppingCriteria):
+    """Wraps transformers' `StopStringCriteria` and remembers, per row, how many tokens it had when it first matched.
+
+    `generate` pads rows once they are done, so the match position is lost in its output; the engine needs it to cut
+    the completion right after the token that completes the stop string (including a match that began in the prompt).
+    """
+
+    def __init__(self, inner: StoppingCriteria, prompt_width: int):
+        self.inner = inner
+        self.prompt_width = prompt_width
+        self.lengths_B: torch.Tensor | None = None  # 0 = no match yet
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done_B = self.inner(input_ids, scores, **kwargs)
+        if self.lengths_B is None:
+            self.lengths_B = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        first_B = done_B.cpu() & (self.lengths_B == 0)
+        self.lengths_B[first_B] = input_ids.shape[1] - self.prompt_width
+        return done_B
+
+
+def _sampling_kwargs(params: SamplingParams) -> dict:
+    """`generate` arguments for greedy or sampled decoding; every warper value explicit when sampling.
+
+    An unset `top_k` silently becomes transformers' global default of 50. Greedy passes no warper values at all:
+    `generate` would only warn that they are ignored.
+    """
+    if params.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+
+
+def _left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids [B, P]` and `attention_mask [B, P]` with every prompt right-aligned (ending at column P - 1)."""
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids_BP = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    attention_mask_BP = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids_BP[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask_BP[row, width - len(ids) :] = 1
+    return input_ids_BP, attention_mask_BP
+
+
+def _eos_token_ids(tokenizer, generation_config: GenerationConfig) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists (chat models often end on several)."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    configured = generation_config.eos_token_id
+    for token in [configured] if isinstance(configured, int) else configured or []:
+        if token not in ids:
+            ids.append(token)
+    if not ids:
+        raise ValueError("the model defines no EOS token; generation could only stop at max_new_tokens")
+    return ids
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Seed torch's generators for the block when `seed` is given, then restore the caller's generator state."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

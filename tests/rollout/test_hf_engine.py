@@ -1,0 +1,225 @@
+"""HFEngine on the tiny random Llama: batching, greedy and seeded sampling, sampler log-probs, stops, weight loading."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from posttrain.models.loading import load_model
+from posttrain.rollout.hf_engine import HFEngine
+from posttrain.rollout.types import SamplingParams
+
+
+def teacher_forced_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
+    """log_softmax(logits / T) at each completion token, from one full forward pass over prompt + completion."""
+    ids_1S = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits_SV = model(ids_1S).logits[0].float()
+    # the logits at position t predict token t + 1
+    logits_LV = logits_SV[len(prompt_ids) - 1 : -1]
+    logprobs_LV = torch.log_softmax(logits_LV / temperature, dim=-1)
+    return logprobs_LV.gather(1, torch.tensor(completion_ids)[:, None]).squeeze(1).tolist()
+
+
+def manual_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int) -> list[int]:
+    """Argmax of the model's logits, one full forward per step, no cache and no padding."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            if token == eos_token_id:
+                break
+    return ids[len(prompt_ids) :]
+
+
+def test_shapes_counts_and_prompt_ids(engine, prompts):
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=0)
+    results = engine.generate(prompts, params)
+    assert len(results) == len(prompts)
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.prompt_token_ids == engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert len(result.completions) == 3
+        for completion in result.completions:
+            assert len(completion.token_ids) == len(completion.logprobs) <= 10
+            assert all(logprob <= 0 for logprob in completion.logprobs)
+            assert completion.text == engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            if completion.finish_reason == "length":
+                assert len(completion.token_ids) == 10
+
+
+def test_token_id_prompts_equal_text_prompts(engine, prompts):
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert engine.generate(ids, params) == engine.generate(prompts, params)
+
+
+def test_greedy_is_deterministic_and_equals_a_manual_argmax_loop(engine, reference_model, prompts):
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    first = engine.generate(prompts, params)
+    assert first == engine.generate(prompts, params)
+    # the longest prompt is unpadded in the batch; the shortest is left-padded, check that one
+    result = first[0]
+    expected = manual_greedy(reference_model, result.prompt_token_ids, 12, engine.tokenizer.eos_token_id)
+    assert result.completions[0].token_ids == expected
+
+
+def test_seed_reproduces_samples_and_leaves_global_rng_alone(engine, prompts):
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=7)
+    torch.manual_seed(123)
+    first = engine.generate(prompts, params)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))  # generate with a seed restored the caller's generator state
+    assert engine.generate(prompts, params) == first
+    other = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=8))
+    tokens = [c.token_ids for r in first for c in r.completions]
+    assert tokens != [c.token_ids for r in other for c in r.completions]
+    assert len({tuple(t) for t in tokens}) == len(tokens)  # the n samples of a prompt differ too
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p, top_k",
+    [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 0), (1.5, 1.0, 20)],
+    ids=["greedy", "t1", "t0.7-top_p", "t1.5-top_k"],
+)
+def test_sampler_logprobs_equal_teacher_forcing(engine, reference_model, prompts, temperature, top_p, top_k):
+    """The RL ratio's denominator: log_softmax(logits / T) of each chosen token, in left-padded batches."""
+    params = SamplingParams(n=2, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16, seed=3)
+    results = engine.generate(prompts, params)
+    for result in results:
+        for completion in result.completions:
+            expected = teacher_forced_logprobs(
+                reference_model, result.prompt_token_ids, completion.token_ids, temperature or 1.0
+            )
+            torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_recorded_logprobs_equal_those_from_generate_output_logits(engine, prompts):
+    """Twin check: the engine's streaming recorder against transformers' own `output_logits=True` (all steps kept)."""
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=10, seed=11)
+    results = engine.generate(prompts, params)
+    ids = [r.prompt_token_ids for r in results]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[engine.pad_token_id] * (width - len(i)) + i for i in ids])
+    torch.manual_seed(11)
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=input_ids,
+            attention_mask=(input_ids != engine.pad_token_id).long(),
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.95,
+            top_k=0,
+            max_new_tokens=10,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    for row, result in enumerate(results):
+        completion = result.completions[0]
+        tokens = out.sequences[row, width : width + len(completion.token_ids)]
+        assert tokens.tolist() == completion.token_ids
+        logits_LV = torch.stack(out.logits, dim=1)[row, : len(tokens)]
+        expected = torch.log_softmax(logits_LV / 0.8, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-6, rtol=0)
+
+
+def test_chunked_batches_match_one_batch(model_path, engine, prompts):
+    small = HFEngine(model_path, max_batch_size=2)
+    params = SamplingParams(n=3, temperature=0, max_new_tokens=8)
+    chunked, whole = small.generate(prompts, params), engine.generate(prompts, params)
+    for a, b in zip(chunked, whole, strict=True):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+        for ca, cb in zip(a.completions, b.completions, strict=True):
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
+
+
+def test_eos_ends_a_completion_and_is_kept(engine, prompts):
+    # a hot temperature on the random model makes EOS (1 of ~360 tokens) show up in a few of 48 samples
+    params = SamplingParams(n=16, temperature=3.0, max_new_tokens=24, seed=0)
+    completions = [c for r in engine.generate(prompts, params) for c in r.completions]
+    eos = engine.tokenizer.eos_token_id
+    stopped = [c for c in completions if c.finish_reason == "stop"]
+    assert stopped and len(stopped) < len(completions)
+    for c in completions:
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == eos and eos not in c.token_ids[:-1]
+        else:
+            assert len(c.token_ids) == 24 and eos not in c.token_ids
+
+
+def test_stop_string_cuts_after_the_completing_token(engine, prompts):
+    greedy = engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=16))[0].completions[0]
+    stop = greedy.text[6:8]  # a string that greedy decoding is known to produce
+    assert len(stop) == 2
+    result = engine.generate(prompts[:1], SamplingParams(temperature=0, max_new_tokens=16, stop=(stop, "@@@")))
+    completion = result[0].completions[0]
+    assert completion.finish_reason == "stop"
+    assert completion.text == greedy.text[: greedy.text.index(stop) + len(stop)]
+    assert completion.token_ids == greedy.token_ids[: len(completion.token_ids)]
+    assert completion.logprobs == greedy.logprobs[: len(completion.token_ids)]
+
+
+def test_stop_strings_in_a_batch_only_cut_the_rows_that_match(engine, prompts):
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    greedy = [r.completions[0] for r in engine.generate(prompts, params)]
+    stop = greedy[0].text[5:7]
+    stopped = [r.completions[0] for r in engine.generate(prompts, replace(params, stop=(stop,)))]
+    for before, after in zip(greedy, stopped, strict=True):
+        if stop in before.text:
+            assert after.finish_reason == "stop" and after.text.endswith(stop) and after.text.count(stop) == 1
+        else:
+            assert after == before
+
+
+def test_load_weights_turns_the_engine_into_another_model(model_path, other_model_path, prompts):
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    engine = HFEngine(model_path)
+    other = HFEngine(other_model_path)
+    before = engine.generate(prompts, params)
+    assert before != other.generate(prompts, params)
+    engine.load_weights(load_model(str(other_model_path)).state_dict())
+    assert engine.generate(prompts, params) == other.generate(prompts, params)
+
+
+def test_partial_load_replaces_only_the_named_tensors(model_path, other_model_path):
+    engine = HFEngine(model_path)
+    original = engine.get_weights()
+    new_head = load_model(str(other_model_path)).state_dict()["lm_head.weight"]
+    engine.load_weights({"lm_head.weight": new_head})
+    now = engine.get_weights()
+    assert torch.equal(now["lm_head.weight"], new_head)
+    assert not torch.equal(now["lm_head.weight"], original["lm_head.weight"])
+    for name in original:
+        if name != "lm_head.weight":
+            assert torch.equal(now[name], original[name]), name
+
+
+def test_get_weights_returns_copies(engine):
+    weights = engine.get_weights(["model.norm.weight"])
+    assert list(weights) == ["model.norm.weight"] and weights["model.norm.weight"].device.type == "cpu"
+    weights["model.norm.weight"].add_(1.0)
+    assert not torch.equal(engine.get_weights(["model.norm.weight"])["model.norm.weight"], weights["model.norm.weight"])
+    with pytest.raises(ValueError, match="no_such"):
+        engine.get_weights(["no_such.weight"])
+
+
+def test_bad_weight_updates_raise_and_change_nothing(engine):
+    before = engine.get_weights()
+    good = {"model.norm.weight": torch.zeros_like(before["model.norm.weight"])}
+    with pytest.raises(ValueError, match="model.layers.9.mlp.up_proj.weight"):
+        engine.load_weights({**good, "model.layers.9.mlp.up_proj.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"lm_head.weight.*\(3, 64\)"):
+        engine.load_weights({**good, "lm_head.weight": torch.zeros(3, 64)})
+    after = engine.get_weights()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_bad_prompts_raise(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate(["hello", ""], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="mix"):
+        engine.generate(["hello", [5, 6]], SamplingParams(max_new_tokens=2))
+    assert engine.generate([], SamplingParams()) == []

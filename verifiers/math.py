@@ -1,0 +1,223 @@
+"""Math answers: extract the final answer from a response and check it against a gold answer.
+
+A first, dependency-light version (stdlib + sympy). Equivalence is decided in this order, cheapest first:
+normalised string equality; exact rational equality when both sides are plain numbers (integers, decimals,
+`a/b`, `\\frac{a}{b}`; `fractions.Fraction`, so 0.3333 != 1/3); sympy `simplify(a - b) == 0` for short
+expressions of single-letter symbols, `sqrt` and `pi`. The sympy step runs in a forked child process that
+is killed after `timeout` seconds, so a hostile expression cannot hang the caller (see VERIFIERS.md).
+Not handled yet: sets, intervals, tuples, matrices, equations, percentages relative to the gold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import select
+import signal
+from fractions import Fraction
+
+import sympy
+from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rationalize, standard_transformations
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_IS_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE)
+_LAST_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?")
+_TEXT_RE = re.compile(r"\\(?:text|textbf|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}")
+_UNIT_WORDS_RE = re.compile(r"([-+]?[\d.,/]+)\s*([a-zA-Z][a-zA-Z\s]*)")
+_FRAC_RE = re.compile(r"^([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}$|^([+-]?)\\frac(\d)(\d)$")
+_SAFE_CHARS_RE = re.compile(r"^[0-9a-zA-Z+\-*/(). ]*$")
+_POWER_RE = re.compile(r"\*\*(?:\(-?(?:\d{1,3}(?:/\d{1,3})?|[a-zA-Z])\)|-?\d{1,3}(?![\d.])|[a-zA-Z](?![\w.]))")
+_MAX_SYMPY_CHARS = 200
+_SYMPY_NAMES = {"sqrt": sympy.sqrt, "pi": sympy.pi}
+_TRANSFORMATIONS = (*standard_transformations, implicit_multiplication, rationalize)
+
+
+def boxed_contents(text: str) -> list[str]:
+    """Contents of every top-level `\\boxed{...}` / `\\fbox{...}` in `text`, in order (braces balanced)."""
+    closing: dict[int, int] = {}  # index of "{" -> index of its matching "}", one linear pass
+    stack: list[int] = []
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            closing[stack.pop()] = i
+    contents, end = [], -1
+    for match in _BOX_RE.finditer(text):
+        open_at = match.end() - 1
+        if open_at < end or open_at not in closing:  # nested inside the previous box, or never closed
+            continue
+        end = closing[open_at]
+        contents.append(text[open_at + 1 : end])
+    return contents
+
+
+def extract_answer(response: str, strict: bool = True) -> str | None:
+    """The final answer in `response`, or None when there is none.
+
+    Markers, in priority order: the last `\\boxed{}`/`\\fbox{}`; the last `<answer>...</answer>`; the text after
+    the last `####` up to the end of its line (GSM8K); "the answer is X". An empty final marker gives None.
+    With `strict=False` and no marker at all: the last number, else the whole stripped response (never use
+    that for rewards: it pays for guessing).
+    """
+    if not isinstance(response, str):
+        return None
+    tags_end = response.rfind("</answer>") + len("</answer>")  # so that every <answer> searched has a closing tag
+    for found in (boxed_contents(response), _ANSWER_TAG_RE.findall(response[:tags_end])):
+        if found:
+            return found[-1].strip() or None
+    if "####" in response:
+        return response.rsplit("####", 1)[1].split("\n", 1)[0].strip() or None
+    answer_is = _ANSWER_IS_RE.findall(response)
+    if answer_is:
+        return answer_is[-1].strip() or None
+    if strict:
+        return None
+    numbers = _LAST_NUMBER_RE.findall(response)
+    return numbers[-1] if numbers else (response.strip() or None)
+
+
+def normalise(answer: str) -> str:
+    """Strip notation that does not change the value: `$`, spaces, `\\left`/`\\right`, units, degrees, `%`."""
+    s = answer.strip().replace("\\$", "").replace("$", "")
+    list_like = re.search(r",\s", s) is not None  # "32, 349" is a list, "32,349" a number
+    s = re.sub(r"\\(?:left|right|displaystyle)\b|\\[,!;: ]", " ", s)
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?|°|\\%|%", "", s)
+    without_text = _TEXT_RE.sub("", s)
+    s = without_text if without_text.strip() else _TEXT_RE.sub(r"\1", s)  # `\text{(B)}` alone keeps its content
+    units = _UNIT_WORDS_RE.fullmatch(s.strip())  # "72 apples" -> "72", but "2 pi" and "3 x" stay
+    if units and all(len(word) > 1 and word not in _SYMPY_NAMES for word in units.group(2).split()):
+        s = units.group(1)
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    while s.startswith("{") and s.endswith("}") and boxed_contents("\\boxed" + s) == [s[1:-1]]:
+        s = s[1:-1]
+    if not list_like and re.fullmatch(r"[+-]?\d{1,3}(?:(?:,|\{,\})\d{3})+(?:\.\d+)?", s):  # 1,000 / 1{,}000
+        s = s.replace("{,}", "").replace(",", "")
+    if re.fullmatch(r"[a-zA-Z]=[^=]+", s):  # "x=3" -> "3"; only a single-letter left-hand side
+        s = s[2:]
+    return s
+
+
+def _to_fraction(s: str) -> Fraction | None:
+    """Exact value of a plain number (`-2`, `0.75`, `1e3`, `3/4`, `\\frac{3}{4}`), else None."""
+    if len(s) > 100:
+        return None
+    if _NUMBER_RE.fullmatch(s):
+        return Fraction(s)
+    parts = s.split("/")
+    if len(parts) == 2 and all(_NUMBER_RE.fullmatch(p) for p in parts) and Fraction(parts[1]) != 0:
+        return Fraction(parts[0]) / Fraction(parts[1])
+    frac = _FRAC_RE.fullmatch(s)
+    if frac:
+        sign, num, den = (frac.group(1), frac.group(2), frac.group(3)) if frac.group(2) else frac.group(4, 5, 6)
+        if _NUMBER_RE.fullmatch(num) and _NUMBER_RE.fullmatch(den) and Fraction(den) != 0:
+            return (-1 if sign == "-" else 1) * Fraction(num) / Fraction(den)
+    return None
+
+
+def _to_sympy_source(s: str) -> str | None:
+    """Python-syntax source for a short normalised LaTeX expression, or None if it is not provably safe."""
+    if len(s) >= _MAX_SYMPY_CHARS:
+        return None
+    for _ in range(20):  # innermost \frac / \sqrt first; bounded by the length cap
+        previous = s
+        s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
+        s = re.sub(r"\\frac(\d)(\d)", r"(\1/\2)", s)
+        s = re.sub(r"\\sqrt\{([^{}]*)\}", r" sqrt(\1)", s)
+        s = re.sub(r"\\sqrt(\d+|[a-zA-Z])", r" sqrt(\1)", s)
+        if s == previous:
+            break
+    s = s.replace("\\pi", " pi ").replace("\\cdot", "*").replace("\\times", "*").replace("^", "**")
+    s = s.replace("{", "(").replace("}", ")")
+    if not _SAFE_CHARS_RE.fullmatch(s) or "__" in s or re.search(r"\d[eE][+-]?\d{4}", s):  # 1e99999999
+        return None
+    if any(len(name) > 1 and name not in _SYMPY_NAMES for name in re.findall(r"[a-zA-Z]+", s)):
+        return None
+    # Exponents: at most 3 digits or one symbol, never chained (10**10**10 would never finish).
+    if s.count("**") != len(_POWER_RE.findall(s)) or re.search(_POWER_RE.pattern + r"\s*\*\*", s):
+        return None
+    return s
+
+
+def _sympy_equal(gold_source: str, pred_source: str) -> bool:
+    """sympy equivalence of two sources that passed `_to_sympy_source`. Runs inside the worker process."""
+    letters = {c: sympy.Symbol(c) for c in set(re.findall(r"[a-zA-Z]", gold_source + pred_source))}
+    local = {**letters, **_SYMPY_NAMES}
+    global_dict = {"Integer": sympy.Integer, "Float": sympy.Float, "Rational": sympy.Rational, "Symbol": sympy.Symbol}
+    try:
+        gold = parse_expr(gold_source, local_dict=local, global_dict=global_dict, transformations=_TRANSFORMATIONS)
+        pred = parse_expr(pred_source, local_dict=local, global_dict=global_dict, transformations=_TRANSFORMATIONS)
+        return bool(sympy.simplify(gold - pred) == 0)
+    except Exception:
+        return False
+
+
+@functools.cache
+def _warm_up_sympy() -> None:
+    """sympy imports much of itself lazily on first simplify (~0.5 s): do that once here, not in every fork."""
+    _sympy_equal("sqrt(2)*x + pi", "(x + 1)**2 + 1.5")
+
+
+def _sympy_equal_with_timeout(gold_source: str, pred_source: str, timeout: float) -> bool:
+    """Run `_sympy_equal` in a forked child that is SIGKILLed after `timeout` s.
+
+    A bare os.fork rather than multiprocessing: it works from any thread and inside daemonic worker processes
+    (multiprocessing refuses to start children there). The child only computes and writes one byte.
+    """
+    if not hasattr(os, "fork"):  # no fork on this platform: only the guards in `_to_sympy_source` protect us
+        return _sympy_equal(gold_source, pred_source)
+    _warm_up_sympy()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller's code
+        try:
+            os.close(read_fd)
+            os.write(write_fd, b"1" if _sympy_equal(gold_source, pred_source) else b"0")
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], timeout)
+        return bool(ready) and os.read(read_fd, 1) == b"1"
+    finally:
+        os.close(read_fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def answers_equal(gold: str, pred: str, timeout: float = 5.0) -> bool:
+    """Whether two already-extracted answers are equivalent (see the module docstring for the rules)."""
+    gold, pred = normalise(gold), normalise(pred)
+    if not gold or not pred:
+        return False
+    if gold == pred:
+        return True
+    gold_value, pred_value = _to_fraction(gold), _to_fraction(pred)
+    if gold_value is not None and pred_value is not None:
+        return gold_value == pred_value
+    gold_source, pred_source = _to_sympy_source(gold), _to_sympy_source(pred)
+    if gold_source is None or pred_source is None:
+        return False
+    return _sympy_equal_with_timeout(gold_source, pred_source, timeout)
+
+
+def verify(gold: str, response: str, strict: bool = True, timeout: float = 5.0) -> bool:
+    """Whether `response` states an answer equivalent to `gold`. Never raises; False on any failure.
+
+    `gold` may be a bare answer or a full worked solution (its marked answer is used). `strict=True` requires
+    an answer marker in `response`. `timeout` (seconds) bounds the sympy step.
+    """
+    try:
+        gold_answer = extract_answer(gold, strict=True) or gold.strip()
+        pred_answer = extract_answer(response, strict=strict)
+        if pred_answer is None:
+            return False
+        return answers_equal(gold_answer, pred_answer, timeout)
+    except Exception:
+        return False
