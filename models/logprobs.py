@@ -29,6 +29,7 @@ def token_logprobs(
     attention_mask_BT: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = True,
+    completion_start: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of each token under the model's tempered next-token distribution, and that entropy.
 
@@ -38,6 +39,9 @@ def token_logprobs(
         attention_mask_BT: [B, T], 1 for tokens, 0 for padding.
         temperature: logits are divided by it (> 0), matching the sampler's temperature.
         with_entropy: also return the entropy (nats) of the same tempered distribution (no gradient; a metric).
+        completion_start: column S where every row's completion starts (prompts left-padded to S, completions
+            right-padded after it). The LM head then runs only on positions S-1..T-2 (`logits_to_keep`), which
+            with a large vocabulary saves most of its cost, and both outputs cover columns S..T-1 only: [B, T-S].
     Returns:
         logprobs_BT: [B, T] float32, `log softmax(logits[:, t-1] / temperature)[input_ids[:, t]]`; column 0 (no
             prediction) and padded positions are 0. Gradients flow into the model. Callers mask prompt positions.
@@ -45,11 +49,16 @@ def token_logprobs(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    start = completion_start or 0
+    if not 0 <= start < input_ids_BT.shape[1]:
+        raise ValueError(f"completion_start must be in [1, {input_ids_BT.shape[1]}), got {completion_start}")
+    extra = {"logits_to_keep": input_ids_BT.shape[1] - start + 1} if start else {}
     output = model(
         input_ids=input_ids_BT,
         attention_mask=attention_mask_BT,
         position_ids=position_ids_from_mask(attention_mask_BT),
         use_cache=False,
+        **extra,
     )
     logits_BTV = output.logits
     del output  # keep only the logits alive
@@ -61,12 +70,18 @@ def token_logprobs(
         logits_BTV = logits_BTV / temperature
 
     # position t-1 predicts token t
-    pred_NV = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])  # N = B*(T-1)
-    targets_N = input_ids_BT[:, 1:].reshape(-1)
+    pred_NV = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])  # N = B*(T-1), or B*(T-S) from S on
+    targets_N = input_ids_BT[:, max(1, start) :].reshape(-1)
     lse_N, entropy_N = _chunked_lse_and_entropy(pred_NV, with_entropy)
     logprobs_N = pred_NV.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1) - lse_N
 
     batch_size = input_ids_BT.shape[0]
+    if start:  # columns S..T-1 only, each predicted by the column before it
+        valid_BC = attention_mask_BT[:, start:].bool()
+        zeros = torch.zeros_like(logprobs_N.view(batch_size, -1))
+        logprobs_BC = torch.where(valid_BC, logprobs_N.view(batch_size, -1), zeros)
+        entropy_BC = torch.where(valid_BC, entropy_N.view(batch_size, -1), zeros) if entropy_N is not None else None
+        return logprobs_BC, entropy_BC
     valid_BT = attention_mask_BT.bool().clone()
     valid_BT[:, 0] = False
     logprobs_BT = _align(logprobs_N.view(batch_size, -1), valid_BT)

@@ -1,4 +1,9 @@
-"""Turn samples + advantages into the padded tensors the learner trains on."""
+"""Turn samples + advantages into the padded tensors the learner trains on.
+
+Layout (as in TRL and vLLM-based trainers): prompts are left-padded to a shared width P and completions
+right-padded after it, so every completion starts at column P. The learner then runs the LM head only on
+completion positions (`token_logprobs(..., completion_start=P)`), and per-token tensors are [B, C].
+"""
 
 from __future__ import annotations
 
@@ -11,30 +16,41 @@ from posttrain.data.types import Sample
 
 @dataclass
 class TrainBatch:
-    """Right-padded prompt+completion sequences. B = sequences, T = longest prompt+completion."""
+    """B sequences; P = prompt width (left-padded), C = completion width (right-padded); T = P + C."""
 
     input_ids_BT: torch.Tensor
     attention_mask_BT: torch.Tensor
-    loss_mask_BT: torch.Tensor
-    """1 on completion tokens that carry loss (0 on prompt, padding and skipped samples)"""
+    loss_mask_BC: torch.Tensor
+    """1 on completion tokens that carry loss (0 on padding and on skipped samples)"""
     advantages_B: torch.Tensor
-    sampler_logprobs_BT: torch.Tensor
-    """the rollout engine's log-prob of each completion token, aligned with input_ids (0 elsewhere)"""
+    sampler_logprobs_BC: torch.Tensor
+    """the rollout engine's log-prob of each completion token (0 on padding)"""
+    prompt_lengths_B: torch.Tensor
+    completion_lengths_B: torch.Tensor
     max_completion_tokens: int
     """the rollout's max_new_tokens (the fixed normaliser of seq-mean-token-sum-norm)"""
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
 
+    @property
+    def prompt_width(self) -> int:
+        return self.input_ids_BT.shape[1] - self.loss_mask_BC.shape[1]
+
     def slice(self, start: int, stop: int) -> TrainBatch:
-        """Rows [start, stop), with columns trimmed to the longest sequence among them."""
-        width = int(self.attention_mask_BT[start:stop].sum(-1).max())
+        """Rows [start, stop), trimmed to their own longest prompt and completion (padding columns dropped)."""
+        P = self.prompt_width
+        p = int(self.prompt_lengths_B[start:stop].max())
+        c = max(1, int(self.completion_lengths_B[start:stop].max()))
+        columns = slice(P - p, P + c)
         return TrainBatch(
-            input_ids_BT=self.input_ids_BT[start:stop, :width],
-            attention_mask_BT=self.attention_mask_BT[start:stop, :width],
-            loss_mask_BT=self.loss_mask_BT[start:stop, :width],
+            input_ids_BT=self.input_ids_BT[start:stop, columns],
+            attention_mask_BT=self.attention_mask_BT[start:stop, columns],
+            loss_mask_BC=self.loss_mask_BC[start:stop, :c],
             advantages_B=self.advantages_B[start:stop],
-            sampler_logprobs_BT=self.sampler_logprobs_BT[start:stop, :width],
+            sampler_logprobs_BC=self.sampler_logprobs_BC[start:stop, :c],
+            prompt_lengths_B=self.prompt_lengths_B[start:stop],
+            completion_lengths_B=self.completion_lengths_B[start:stop],
             max_completion_tokens=self.max_completion_tokens,
         )
 
@@ -42,26 +58,37 @@ class TrainBatch:
 def collate(
     samples: list[Sample], advantages: list[float], pad_token_id: int, max_completion_tokens: int
 ) -> TrainBatch:
-    """Pack samples into a right-padded `TrainBatch`.
+    """Pack samples into a `TrainBatch` (prompts left-padded, completions right-padded).
 
     A sample whose advantage is NaN (its reward was skipped) stays in the batch with an all-zero loss mask, so
     batch shapes do not depend on failures. Completion tokens include EOS when the model stopped by itself.
     """
     if len(samples) != len(advantages):
         raise ValueError(f"collate: {len(samples)} samples but {len(advantages)} advantages")
-    lengths = [len(s.prompt_token_ids) + len(s.completion_token_ids) for s in samples]
-    B, T = len(samples), max(lengths)
-    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((B, T), dtype=torch.long)
-    loss_mask = torch.zeros((B, T), dtype=torch.float32)
-    sampler_lp = torch.zeros((B, T), dtype=torch.float32)
+    prompt_lengths = [len(s.prompt_token_ids) for s in samples]
+    completion_lengths = [len(s.completion_token_ids) for s in samples]
+    B, P, C = len(samples), max(prompt_lengths), max(1, max(completion_lengths))
+    input_ids = torch.full((B, P + C), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((B, P + C), dtype=torch.long)
+    loss_mask = torch.zeros((B, C), dtype=torch.float32)
+    sampler_lp = torch.zeros((B, C), dtype=torch.float32)
     adv = torch.zeros(B, dtype=torch.float32)
     for i, (s, a) in enumerate(zip(samples, advantages, strict=True)):
-        p, c = len(s.prompt_token_ids), len(s.completion_token_ids)
-        input_ids[i, : p + c] = torch.tensor(s.prompt_token_ids + s.completion_token_ids, dtype=torch.long)
-        attention[i, : p + c] = 1
+        p, c = prompt_lengths[i], completion_lengths[i]
+        input_ids[i, P - p : P] = torch.tensor(s.prompt_token_ids, dtype=torch.long)
+        input_ids[i, P : P + c] = torch.tensor(s.completion_token_ids, dtype=torch.long)
+        attention[i, P - p : P + c] = 1
+        sampler_lp[i, :c] = torch.tensor(s.sampler_logprobs, dtype=torch.float32)
         if c and a == a:  # a != a only for NaN
-            loss_mask[i, p : p + c] = 1.0
+            loss_mask[i, :c] = 1.0
             adv[i] = a
-        sampler_lp[i, p : p + c] = torch.tensor(s.sampler_logprobs, dtype=torch.float32)
-    return TrainBatch(input_ids, attention, loss_mask, adv, sampler_lp, max_completion_tokens)
+    return TrainBatch(
+        input_ids,
+        attention,
+        loss_mask,
+        adv,
+        sampler_lp,
+        torch.tensor(prompt_lengths),
+        torch.tensor(completion_lengths),
+        max_completion_tokens,
+    )

@@ -99,6 +99,7 @@ class LearnerImpl:
         return True
 
     def _reference_logprobs(self, mb: TrainBatch) -> torch.Tensor | None:
+        """[B, C] log-probs of the completion tokens under the reference, or None without one."""
         s = self.settings
         if self.ref_model is not None:
             ctx, model = contextlib.nullcontext(), self.ref_model
@@ -107,7 +108,9 @@ class LearnerImpl:
         else:
             return None
         with ctx, torch.no_grad():
-            lp_ref, _ = token_logprobs(model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature, with_entropy=False)
+            lp_ref, _ = token_logprobs(
+                model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature, False, mb.prompt_width
+            )
         return lp_ref
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -116,23 +119,26 @@ class LearnerImpl:
         start = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        num_tokens = float(batch.loss_mask_BT.sum())
+        num_tokens = float(batch.loss_mask_BC.sum())
         if num_tokens == 0:
             raise ValueError("train_step: the batch has no completion tokens with loss (all samples skipped?)")
         # normalisers of the whole optimizer step, so micro-batch losses sum to the full-batch value;
         # sequences without loss tokens (skipped samples) do not count
-        num_seqs = int((batch.loss_mask_BT.sum(-1) > 0).sum())
+        num_seqs = int((batch.loss_mask_BC.sum(-1) > 0).sum())
         norm = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_completion_tokens=batch.max_completion_tokens)
         sums = {"loss": 0.0, "pg_loss": 0.0}
         token_stats: dict[str, list[tuple[float, float]]] = {}  # name -> [(masked mean, weight)]
         ratio_min, ratio_max = math.inf, -math.inf
         for lo in range(0, len(batch), s.micro_batch_size):
             mb = batch.slice(lo, lo + s.micro_batch_size)
-            mask = mb.loss_mask_BT
+            mask = mb.loss_mask_BC
             weight = float(mask.sum())
             if weight == 0:
                 continue
-            lp, entropy = token_logprobs(self.model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature)
+            # [B, C]: completion tokens only (the LM head skips prompt positions)
+            lp, entropy = token_logprobs(
+                self.model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature, True, mb.prompt_width
+            )
             per_token, pg_metrics = clipped_policy_loss(
                 lp, lp.detach(), mb.advantages_B, mask, eps_low=s.eps_low, eps_high=s.eps_high
             )
@@ -140,15 +146,15 @@ class LearnerImpl:
             loss = pg_loss
             lp_ref = self._reference_logprobs(mb)
             if lp_ref is not None:
-                kl_BT = kl_k3(lp, lp_ref)
+                kl_BC = kl_k3(lp, lp_ref)
                 if s.kl_coef > 0:
-                    loss = loss + s.kl_coef * reduce_loss(kl_BT, mask, s.loss_reduction, **norm)
-                token_stats.setdefault("kl", []).append((float(masked_mean(kl_BT.detach(), mask)), weight))
+                    loss = loss + s.kl_coef * reduce_loss(kl_BC, mask, s.loss_reduction, **norm)
+                token_stats.setdefault("kl", []).append((float(masked_mean(kl_BC.detach(), mask)), weight))
             loss.backward()
             sums["loss"] += float(loss.detach())
             sums["pg_loss"] += float(pg_loss.detach())
             token_stats.setdefault("entropy", []).append((float(masked_mean(entropy, mask)), weight))
-            lp_diff = (lp.detach() - mb.sampler_logprobs_BT).abs()
+            lp_diff = (lp.detach() - mb.sampler_logprobs_BC).abs()
             token_stats.setdefault("rollout/logprob_diff", []).append((float(masked_mean(lp_diff, mask)), weight))
             token_stats.setdefault("clip_fraction", []).append((pg_metrics["clip_fraction"], weight))
             ratio_min, ratio_max = min(ratio_min, pg_metrics["ratio/min"]), max(ratio_max, pg_metrics["ratio/max"])

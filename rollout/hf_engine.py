@@ -121,12 +121,10 @@ class HFEngine(InferenceEngine):
         )
         new_tokens_BL = sequences_BS[:, prompt_width:].cpu()
         logprobs_BL = recorder.finish(sequences_BS)[:, : new_tokens_BL.shape[1]].cpu()
-        stop_lengths_B = (
-            stop_strings.lengths_B.tolist() if stop_strings and stop_strings.lengths_B is not None else None
-        )
+        stop_lengths_B = stop_strings.lengths(len(prompt_ids)) if stop_strings else [0] * len(prompt_ids)
         completions = []
         for row, tokens in enumerate(new_tokens_BL.tolist()):
-            end, finish_reason = self._completion_end(tokens, stop_lengths_B[row] if stop_lengths_B else 0)
+            end, finish_reason = self._completion_end(tokens, stop_lengths_B[row])
             token_ids = tokens[:end]
             completions.append(
                 Completion(
@@ -201,6 +199,10 @@ class _FirstStopRecorder(StoppingCriteria):
         first_B = done_B.cpu() & (self.lengths_B == 0)
         self.lengths_B[first_B] = input_ids.shape[1] - self.prompt_width
         return done_B
+
+    def lengths(self, batch_size: int) -> list[int]:
+        """Per row, the number of generated tokens when a stop string first matched (0: never)."""
+        return [0] * batch_size if self.lengths_B is None else self.lengths_B.tolist()
 
 
 def _sampling_kwargs(params: SamplingParams) -> dict:

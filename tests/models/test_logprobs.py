@@ -119,3 +119,18 @@ def test_bf16_model_gives_fp32_logprobs(tiny_path):
     torch.testing.assert_close(logprobs_BT[:, 1:], expected, atol=1e-6, rtol=0)
     logprobs_BT[:, 1:].sum().backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_completion_start_gives_the_same_values_on_completion_columns_only(model):
+    # prompts left-padded to column S = 5, completions right-padded after it
+    torch.manual_seed(0)
+    ids_BT = torch.randint(3, 50, (3, 9))
+    mask_BT = torch.ones_like(ids_BT)
+    mask_BT[0, :2] = 0  # left padding of a short prompt
+    mask_BT[1, 7:] = 0  # right padding of a short completion
+    full_lp, full_ent = token_logprobs(model, ids_BT, mask_BT, temperature=0.7)
+    lp_BC, ent_BC = token_logprobs(model, ids_BT, mask_BT, temperature=0.7, completion_start=5)
+    assert lp_BC.shape == (3, 4)
+    torch.testing.assert_close(lp_BC, full_lp[:, 5:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent_BC, full_ent[:, 5:], atol=1e-5, rtol=1e-6)
+    assert lp_BC[1, 2:].abs().sum() == 0  # padding stays exactly 0
