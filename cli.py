@@ -18,8 +18,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's input at fault: printed as one message, no traceback."""
     from posttrain.data.sources import DataError
     from posttrain.rewards.combine import RewardError
+    from posttrain.rewards.loading import RewardLoadError
 
-    return USER_ERRORS + (DataError, RewardError)
+    return USER_ERRORS + (DataError, RewardError, RewardLoadError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -57,7 +57,9 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
         a `PreTrainedModel`.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-actor weight-loading bars would interleave with the run's progress bar
     return AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
     )

@@ -15,7 +15,7 @@ from posttrain.data.sources import load_rows
 from posttrain.models.loading import format_prompt, load_tokenizer, resolve_model_path
 from posttrain.models.lora import LoraSettings
 from posttrain.rewards.combine import RewardSpec
-from posttrain.rewards.loading import load_reward_function
+from posttrain.rewards.loading import RewardLoadError, load_reward_function
 from posttrain.rl.learner import Learner, LearnerSettings
 from posttrain.rollout.pool import RolloutPool
 from posttrain.rollout.worker import RolloutWorker
@@ -39,7 +39,7 @@ def load_reward_specs(cfg: RecipeConfig, base_dir: str = ".") -> list[RewardSpec
         try:
             fn = load_reward_function(entry.fn, base_dir=base_dir)
         except Exception as err:
-            raise ValueError(f"rewards[{i}].fn = {entry.fn!r}: {err}") from None
+            raise RewardLoadError(f"rewards[{i}].fn = {entry.fn!r}: {err}") from None
         specs.append(RewardSpec(fn=fn, name=name, weight=entry.weight))
     return specs
 

@@ -1,0 +1,74 @@
+"""The `posttrain` command: eval output, and user errors reported before any work, without a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from posttrain.models.tiny import tiny_model_path
+
+HERE = Path(__file__).parent
+
+
+def _recipe(tmp_path, **extra) -> Path:
+    recipe = {
+        "name": "cli",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"path": str(tiny_model_path())},
+        "data": {"kind": "arithmetic", "num_problems": 6, "seed": 1, "max_value": 9},
+        "eval": {"data": {"kind": "arithmetic", "num_problems": 3, "seed": 2, "max_value": 9}},
+        "rewards": [{"fn": "math_accuracy"}, {"fn": "format", "weight": 0.5}],
+        "rollout": {"max_new_tokens": 8},
+        "train": {"steps": 1, "num_threads": 1},
+        "logging": {"progress": False},
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _posttrain(*args, cwd=None):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+def test_eval_prints_a_table_and_writes_json_with_pass_at_k(tmp_path):
+    out = tmp_path / "eval.json"
+    proc = _posttrain("eval", str(_recipe(tmp_path)), "eval.n=4", "eval.temperature=1.0", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "eval/accuracy" in proc.stdout and "eval/pass@4" in proc.stdout and f"wrote {out}" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["n"] == 4 and result["num_prompts"] == 3 and len(result["samples"]) == 12
+    metrics = result["metrics"]
+    assert 0 <= metrics["eval/accuracy"] <= metrics["eval/pass@2"] <= metrics["eval/pass@4"] <= 1
+    correct = sum(s["correct"] for s in result["samples"])
+    assert metrics["eval/accuracy"] == correct / 12
+
+
+def test_config_error_exits_2_with_the_key_and_creates_no_run_folder(tmp_path):
+    proc = _posttrain("train", str(_recipe(tmp_path)), "train.lrr=0.1")
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "unknown key `train.lrr` (did you mean `train.lr`?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_reward_file_is_named_before_any_work(tmp_path):
+    proc = _posttrain("train", str(_recipe(tmp_path, rewards=[{"fn": "nowhere.py:score"}])))
+    assert proc.returncode == 2 and "rewards[0].fn = 'nowhere.py:score'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_reward_that_raises_stops_the_run_naming_function_and_sample(tmp_path):
+    rewards = [{"fn": f"{HERE / 'rl' / 'data' / 'broken_reward.py'}:picky"}]
+    data = {"kind": "arithmetic", "num_problems": 6, "seed": 1, "max_value": 3, "min_value": 3}
+    proc = _posttrain("train", str(_recipe(tmp_path, rewards=rewards, data=data, eval={})))
+    assert proc.returncode == 2, proc.stderr
+    assert "picky" in proc.stderr and "ZeroDivisionError" in proc.stderr and "sample" in proc.stderr
+    assert "Traceback" not in proc.stderr
