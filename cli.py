@@ -58,7 +58,10 @@ def evaluate_recipe(cfg: RecipeConfig) -> dict:
     model_path = components.model_path_of(cfg)
     fmt = components.PromptFormatter(cfg, model_path)
     engine = HFEngine(
-        model_path, dtype=cfg.model.dtype, max_batch_size=cfg.rollout.max_batch_size, num_threads=cfg.train.num_threads
+        model_path,
+        dtype=cfg.model.dtype,
+        max_batch_size=cfg.rollout.max_batch_size,
+        num_threads=cfg.rollout.num_threads or os.cpu_count(),
     )
     e, r = cfg.eval, cfg.rollout
     params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, cfg.seed)

@@ -122,6 +122,8 @@ class RolloutConfig(_Section):
     """strings that end a completion"""
     max_batch_size: int = Field(64, ge=1)
     """sequences generated at once per worker"""
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads per rollout worker (default: this machine's cores / workers; Ray alone would give 1)"""
 
 
 class AlgorithmConfig(_Section):
@@ -161,7 +163,7 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(8, ge=1)
     """sequences per forward/backward (gradient accumulation covers the rest)"""
     num_threads: int | None = Field(None, ge=1)
-    """torch threads per actor (default: all cores)"""
+    """torch threads of the learner (default: all of this machine's cores; Ray alone would give 1)"""
 
 
 class EvalConfig(_Section):

@@ -74,7 +74,8 @@ def start_rollout_pool(cfg: RecipeConfig, model_path: str) -> RolloutPool:
             model_path=model_path,
             dtype=cfg.model.dtype,
             max_batch_size=cfg.rollout.max_batch_size,
-            num_threads=cfg.train.num_threads,
+            # generation and training alternate, so each role may use every core while it runs
+            num_threads=cfg.rollout.num_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.workers),
         )
         for _ in range(cfg.rollout.workers)
     ]

@@ -43,7 +43,7 @@ def tiny_recipe(tmp_path: Path, **overrides) -> dict:
         "eval": {"data": {"kind": "arithmetic", "num_problems": 4, "seed": 2, "max_value": 9}},
         "rewards": [{"fn": f"{REWARD_FILE}:length_reward"}, {"fn": "math_accuracy", "weight": 1.0}],
         "algorithm": {"prompts_per_step": 2, "samples_per_prompt": 3, "kl_coef": 0.05},
-        "rollout": {"max_new_tokens": 12},
+        "rollout": {"max_new_tokens": 12, "num_threads": 1},
         "train": {"steps": 3, "lr": 1e-2, "micro_batch_size": 4, "num_threads": 1},
         "checkpoint": {"every_steps": 2},
         "logging": {"progress": False, "samples_per_step": 6},
