@@ -63,6 +63,8 @@ class ArithmeticSource(_Section):
     """question text; `{a}`, `{op}`, `{b}` are filled in"""
     instruction: str = " Put the final answer in \\boxed{}."
     """appended to every question"""
+    few_shot: list[tuple[str, str]] = []
+    """(question, answer) pairs shown before the question as earlier chat turns (the prompt becomes messages)"""
     exclude_seed: int | None = None
     """drop any problem that the generator with this seed would produce (keeps eval disjoint from train)"""
     exclude_num_problems: int = 0

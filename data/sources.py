@@ -37,7 +37,11 @@ def _arithmetic_triples(seed: int, count: int, src: ArithmeticSource) -> list[tu
 
 
 def arithmetic_rows(src: ArithmeticSource) -> list[dict[str, Any]]:
-    """Generate `src.num_problems` distinct problems; rows hold `prompt`, `answer` and the operands."""
+    """Generate `src.num_problems` distinct problems (fewer if the ranges allow fewer); rows hold `prompt` and `answer`.
+
+    With `few_shot`, the prompt is a list of chat messages: the examples as user/assistant turns, then the question.
+    `exclude_seed` drops the problems this generator would draw with that seed and these ranges (an eval set).
+    """
     if src.min_value > src.max_value:
         raise DataError(f"data.min_value ({src.min_value}) must be <= data.max_value ({src.max_value})")
     excluded: set[tuple[int, str, int]] = set()
@@ -45,10 +49,14 @@ def arithmetic_rows(src: ArithmeticSource) -> list[dict[str, Any]]:
         excluded = set(_arithmetic_triples(src.exclude_seed, src.exclude_num_problems, src))
     # draw extra so that exclusions do not shrink the set; the draw order is fixed by the seed
     triples = [t for t in _arithmetic_triples(src.seed, src.num_problems + len(excluded), src) if t not in excluded]
+    examples = []
+    for question, answer in src.few_shot:
+        examples += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     rows = []
     for a, op, b in triples[: src.num_problems]:
-        question = src.template.format(a=a, op=op, b=b)
-        rows.append({"prompt": question + src.instruction, "answer": str(_OPS[op](a, b))})
+        question = src.template.format(a=a, op=op, b=b) + src.instruction
+        prompt = [*examples, {"role": "user", "content": question}] if examples else question
+        rows.append({"prompt": prompt, "answer": str(_OPS[op](a, b))})
     return rows
 
 

@@ -151,6 +151,12 @@ def _values_one_at_a_time(spec: RewardSpec, kwargs: dict[str, Any], batch_error:
     return values, failures
 
 
+def trl_completion(prompt: Any, text: str) -> Any:
+    """A completion as TRL's GRPOTrainer hands it to reward functions: the text for a plain-text prompt, or
+    `[{"role": "assistant", "content": text}]` when the prompt is a list of chat messages."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def score_samples(
     specs: list[RewardSpec],
     prompts: list,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from posttrain.rewards.combine import RewardSpec, score_samples
+from posttrain.rewards.combine import RewardSpec, score_samples, trl_completion
 from posttrain.rollout.types import PromptResult, SamplingParams
 
 
@@ -33,7 +33,7 @@ def score_eval(
     for row, res in zip(rows, results, strict=True):
         for c in res.completions:
             prompts.append(row["prompt"])
-            completions.append(c.text)
+            completions.append(trl_completion(row["prompt"], c.text))
             ids.append(c.token_ids)
             for key in other_keys:
                 columns.setdefault(key, []).append(row.get(key))
@@ -50,8 +50,10 @@ def score_eval(
         if numbers:
             metrics[f"eval/{name}/mean"] = sum(numbers) / len(numbers)
     records = [
-        {"prompt": p, "completion": c, "correct": ok, "reward": t}
-        for p, c, ok, t in zip(prompts, completions, correct, scores.total, strict=True)
+        {"prompt": p, "completion": c.text, "correct": ok, "reward": t}
+        for p, c, ok, t in zip(
+            prompts, [c for res in results for c in res.completions], correct, scores.total, strict=True
+        )
     ]
     return metrics, records
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from posttrain.config import RecipeConfig, dump_config
 from posttrain.data.sources import batch_indices
 from posttrain.data.types import Sample
-from posttrain.rewards.combine import RewardSpec, reward_metrics, score_samples
+from posttrain.rewards.combine import RewardSpec, reward_metrics, score_samples, trl_completion
 from posttrain.rl import components
 from posttrain.rl.advantages import group_relative_advantages, zero_variance_group_fraction
 from posttrain.rl.batch import collate
@@ -66,7 +66,7 @@ def score(samples: list[Sample], specs: list[RewardSpec], on_error: str):
     return score_samples(
         specs,
         [s.prompt for s in samples],
-        [s.completion for s in samples],
+        [trl_completion(s.prompt, s.completion) for s in samples],
         columns,
         completion_ids=[s.completion_token_ids for s in samples],
         on_error=on_error,

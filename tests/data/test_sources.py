@@ -53,3 +53,19 @@ def test_file_rows_rename_prompt_column_and_name_bad_rows(tmp_path):
         file_rows(FileSource(path=str(path)))
     with pytest.raises(DataError, match="data file not found"):
         file_rows(FileSource(path=str(tmp_path / "missing.jsonl")))
+
+
+def test_few_shot_examples_become_chat_turns_and_small_ranges_cap_the_count():
+    src = ArithmeticSource(num_problems=500, seed=1, max_value=9, instruction="", few_shot=[("What is 3 + 4?", "7")])
+    rows = arithmetic_rows(src)
+    assert len(rows) == 100  # only 10 x 10 distinct single-digit additions exist
+    assert rows[0]["prompt"][:2] == [
+        {"role": "user", "content": "What is 3 + 4?"},
+        {"role": "assistant", "content": "7"},
+    ]
+    assert rows[0]["prompt"][2]["role"] == "user" and rows[0]["prompt"][2]["content"].startswith("What is ")
+    held = ArithmeticSource(num_problems=64, seed=2, max_value=9)
+    train = ArithmeticSource(num_problems=500, seed=1, max_value=9, exclude_seed=2, exclude_num_problems=64)
+    held_q = {r["prompt"] for r in arithmetic_rows(held)}
+    train_q = {r["prompt"] for r in arithmetic_rows(train)}
+    assert len(held_q) == 64 and len(train_q) == 36 and not held_q & train_q

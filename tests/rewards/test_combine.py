@@ -221,3 +221,10 @@ def test_reward_metrics_hand_computed():
 def test_reward_metrics_when_everything_was_skipped():
     metrics = reward_metrics(RewardScores(total=[math.nan], per_function={"a": [None]}, skipped=[0], errors=["x"]))
     assert metrics == {"reward/skipped": 1.0, "reward/a/count": 0.0}
+
+
+def test_trl_completion_matches_trl_conversational_convention():
+    from posttrain.rewards.combine import trl_completion
+
+    assert trl_completion("What is 1+1?", "2") == "2"
+    assert trl_completion([{"role": "user", "content": "What is 1+1?"}], "2") == [{"role": "assistant", "content": "2"}]
