@@ -143,9 +143,8 @@ class GRPOTrainer:
     def train_step(self, step: int) -> tuple[dict[str, float], list[Sample], list[float]]:
         """One GRPO step (1-based `step`); returns metrics, the samples and their total rewards."""
         cfg, algo = self.cfg, self.cfg.algorithm
-        rows = [
-            self.train_rows[i] for i in batch_indices(len(self.train_rows), algo.prompts_per_step, step - 1, cfg.seed)
-        ]
+        indices = batch_indices(len(self.train_rows), algo.prompts_per_step, step - 1, cfg.seed)
+        rows = [self.train_rows[i] for i in indices]
         t0 = time.perf_counter()
         results = self.pool.generate(self.format(rows), self._sampling(step))
         t1 = time.perf_counter()
@@ -168,7 +167,7 @@ class GRPOTrainer:
             "response_length/mean": sum(lengths) / len(lengths),
             "response_length/max": max(lengths),
             "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "data/first_index": batch_indices(len(self.train_rows), algo.prompts_per_step, step - 1, cfg.seed)[0],
+            "data/first_index": indices[0],
             "time/generate": t1 - t0,
             "time/reward": t2 - t1,
             "time/train": t3 - t2,
