@@ -379,6 +379,33 @@ def load_config(recipe: str | Path, overrides: list[str] = ()) -> RecipeConfig:
         raise ConfigError(f"{path}: {err}") from None
 
 
+RESUMABLE_CHANGES = ("resume", "train.steps", "logging.", "checkpoint.", "ray.", "eval.every_steps", "output_dir")
+"""keys a resumed run may change; any other difference would make the continued run a different experiment"""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def check_resumable(saved_yaml: str, cfg: RecipeConfig, run_dir: str) -> None:
+    """Refuse to resume `run_dir` with a recipe that changes anything but `RESUMABLE_CHANGES` (names the keys)."""
+    saved = _flatten(yaml.safe_load(saved_yaml) or {})
+    current = _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(
+        key
+        for key in saved.keys() | current.keys()
+        if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    )
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:6])
+        raise ConfigError(
+            f"resume={run_dir}: the recipe differs from the run's config.yaml in {', '.join(changed)} ({details}). "
+            f"Only these may change on resume: {', '.join(RESUMABLE_CHANGES)}"
+        )
+
+
 def dump_config(cfg: RecipeConfig) -> str:
     """The fully resolved recipe as YAML (what `config.yaml` in a run folder holds)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

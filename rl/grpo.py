@@ -16,7 +16,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from posttrain.config import RecipeConfig, dump_config
+from posttrain.config import RecipeConfig, check_resumable, dump_config
 from posttrain.data.sources import batch_indices
 from posttrain.data.types import Sample
 from posttrain.rewards.combine import RewardSpec, reward_metrics, score_samples, trl_completion
@@ -96,8 +96,10 @@ class GRPOTrainer:
         cfg = self.cfg
         if cfg.resume:
             run_dir = Path(cfg.resume)
-            if not run_dir.is_dir():
-                raise FileNotFoundError(f"resume: run folder not found: {run_dir}")
+            if not (run_dir / "config.yaml").is_file():
+                raise FileNotFoundError(f"resume: {run_dir} is not a run folder (no config.yaml)")
+            check_resumable((run_dir / "config.yaml").read_text(), cfg, str(run_dir))
+            (run_dir / "config.yaml").write_text(dump_config(cfg))  # e.g. a raised train.steps
             found = latest_checkpoint(run_dir)
             if found is None:
                 print(f"resume: {run_dir} has no complete checkpoint; starting it from step 0", file=sys.stderr)

@@ -96,3 +96,13 @@ def test_quickstart_is_grpo_lora_on_the_demo_model_with_64_plus_eval_problems():
     assert cfg.model.path == "smollm2-135m-instruct" and cfg.model.lora is not None
     assert cfg.eval.data.num_problems >= 64 and cfg.eval.temperature == 0.0
     assert {r.fn for r in cfg.rewards} >= {"math_accuracy", "format"}
+
+
+def test_resume_refuses_a_changed_experiment_but_allows_more_steps():
+    from posttrain.config import check_resumable, dump_config
+
+    saved = dump_config(validate_config(BASE))
+    check_resumable(saved, validate_config({**BASE, "train": {"steps": 99}, "resume": "runs/x"}), "runs/x")
+    with pytest.raises(ConfigError) as info:
+        check_resumable(saved, validate_config({**BASE, "algorithm": {"prompts_per_step": 16}}), "runs/x")
+    assert "algorithm.prompts_per_step" in str(info.value) and "8 -> 16" in str(info.value)

@@ -45,6 +45,28 @@ def test_wheel_has_only_the_posttrain_package(tmp_path):
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "posttrain = posttrain.cli:main" in entry_points
 
+    # installed from the wheel (not the editable checkout), every subpackage imports
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "import posttrain, posttrain.cli, posttrain.rl.learner, posttrain.rl.grpo, posttrain.rewards.combine, "
+        "posttrain.rollout.worker, posttrain.models.lora, posttrain.verifiers.math, posttrain.data.sources; "
+        "print(posttrain.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == str(target / "posttrain" / "__init__.py")
+
 
 def test_console_script_runs():
     exe = Path(sys.executable).parent / "posttrain"
