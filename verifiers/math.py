@@ -5,7 +5,13 @@ normalised string equality; exact rational equality when both sides are plain nu
 `a/b`, `\\frac{a}{b}`; `fractions.Fraction`, so 0.3333 != 1/3); sympy `simplify(a - b) == 0` for short
 expressions of single-letter symbols, `sqrt` and `pi`. The sympy step runs in a forked child process that
 is killed after `timeout` seconds, so a hostile expression cannot hang the caller (see VERIFIERS.md).
-Not handled yet: sets, intervals, tuples, matrices, equations, percentages relative to the gold.
+Structured answers are compared part by part with the same rules: sets, `\\{...\\}` and bare comma lists
+without order; intervals and tuples in order, with the bracket types required to match; unions of intervals
+without order; `pmatrix`/`bmatrix` matrices cell by cell. Equations: `x = 3` equals `3` (a single-letter
+left-hand side, either way round: `3 = x`); two `v = ...` answers need the same letter; other equations are
+equal only when one side-difference is a nonzero constant multiple of the other (never right-hand side alone).
+`a \\pm b` is the set {a + b, a - b}; `n!` is exact for n of at most 4 digits.
+Not handled yet: base-n numbers beyond string equality, float tolerance, multi-letter products (`2ab`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import re
 import select
 import signal
+import time
 from fractions import Fraction
 
 import sympy
@@ -26,13 +33,13 @@ _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_IS_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE)
 _LAST_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?")
-_TEXT_RE = re.compile(r"\\(?:text|textbf|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}")
+_TEXT_RE = re.compile(r"\\(?:text|textbf|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}(?:\^\s*\{?[23]\}?)?")
 _UNIT_WORDS_RE = re.compile(r"([-+]?[\d.,/]+)\s*([a-zA-Z][a-zA-Z\s]*)")
 _FRAC_RE = re.compile(r"^([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}$|^([+-]?)\\frac(\d)(\d)$")
 _SAFE_CHARS_RE = re.compile(r"^[0-9a-zA-Z+\-*/(). ]*$")
 _POWER_RE = re.compile(r"\*\*(?:\(-?(?:\d{1,3}(?:/\d{1,3})?|[a-zA-Z])\)|-?\d{1,3}(?![\d.])|[a-zA-Z](?![\w.]))")
 _MAX_SYMPY_CHARS = 200
-_SYMPY_NAMES = {"sqrt": sympy.sqrt, "pi": sympy.pi}
+_SYMPY_NAMES = {"sqrt": sympy.sqrt, "pi": sympy.pi, "factorial": sympy.factorial}
 _TRANSFORMATIONS = (*standard_transformations, implicit_multiplication, rationalize)
 
 
@@ -82,7 +89,7 @@ def extract_answer(response: str, strict: bool = True) -> str | None:
 
 def normalise(answer: str) -> str:
     """Strip notation that does not change the value: `$`, spaces, `\\left`/`\\right`, units, degrees, `%`."""
-    s = answer.strip().replace("\\$", "").replace("$", "")
+    s = answer.strip().replace("\\$", "").replace("$", "").replace("\\\\", ";")  # matrix rows: `\\` -> `;`
     list_like = re.search(r",\s", s) is not None  # "32, 349" is a list, "32,349" a number
     s = re.sub(r"\\(?:left|right|displaystyle)\b|\\[,!;: ]", " ", s)
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
@@ -97,8 +104,7 @@ def normalise(answer: str) -> str:
         s = s[1:-1]
     if not list_like and re.fullmatch(r"[+-]?\d{1,3}(?:(?:,|\{,\})\d{3})+(?:\.\d+)?", s):  # 1,000 / 1{,}000
         s = s.replace("{,}", "").replace(",", "")
-    if re.fullmatch(r"[a-zA-Z]=[^=]+", s):  # "x=3" -> "3"; only a single-letter left-hand side
-        s = s[2:]
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # 1011_{2} -> 1011_2
     return s
 
 
@@ -131,6 +137,7 @@ def _to_sympy_source(s: str) -> str | None:
         s = re.sub(r"\\sqrt(\d+|[a-zA-Z])", r" sqrt(\1)", s)
         if s == previous:
             break
+    s = re.sub(r"(?<![\d.])(\d{1,4})!", r" factorial(\1)", s)  # 2004! ; never x! or (n)! or 3!!
     s = s.replace("\\pi", " pi ").replace("\\cdot", "*").replace("\\times", "*").replace("^", "**")
     s = s.replace("{", "(").replace("}", ")")
     if not _SAFE_CHARS_RE.fullmatch(s) or "__" in s or re.search(r"\d[eE][+-]?\d{4}", s):  # 1e99999999
@@ -143,15 +150,24 @@ def _to_sympy_source(s: str) -> str | None:
     return s
 
 
-def _sympy_equal(gold_source: str, pred_source: str) -> bool:
-    """sympy equivalence of two sources that passed `_to_sympy_source`. Runs inside the worker process."""
+def _sympy_equal(gold_source: str, pred_source: str, proportional: bool = False) -> bool:
+    """sympy equivalence of two sources that passed `_to_sympy_source`. Runs inside the worker process.
+
+    `proportional`: whether `pred` is a nonzero constant multiple of `gold` (two equations `a = b`, `c = d` given
+    as `a - b` and `c - d`).
+    """
     letters = {c: sympy.Symbol(c) for c in set(re.findall(r"[a-zA-Z]", gold_source + pred_source))}
     local = {**letters, **_SYMPY_NAMES}
     global_dict = {"Integer": sympy.Integer, "Float": sympy.Float, "Rational": sympy.Rational, "Symbol": sympy.Symbol}
     try:
         gold = parse_expr(gold_source, local_dict=local, global_dict=global_dict, transformations=_TRANSFORMATIONS)
         pred = parse_expr(pred_source, local_dict=local, global_dict=global_dict, transformations=_TRANSFORMATIONS)
-        return bool(sympy.simplify(gold - pred) == 0)
+        if not proportional:
+            return bool(sympy.simplify(gold - pred) == 0)
+        if sympy.simplify(gold) == 0 or sympy.simplify(pred) == 0:
+            return False
+        ratio = sympy.simplify(gold / pred)
+        return bool(ratio.is_number and ratio.is_nonzero and ratio.is_finite)
     except Exception:
         return False
 
@@ -162,21 +178,21 @@ def _warm_up_sympy() -> None:
     _sympy_equal("sqrt(2)*x + pi", "(x + 1)**2 + 1.5")
 
 
-def _sympy_equal_with_timeout(gold_source: str, pred_source: str, timeout: float) -> bool:
+def _sympy_equal_with_timeout(gold_source: str, pred_source: str, timeout: float, proportional: bool = False) -> bool:
     """Run `_sympy_equal` in a forked child that is SIGKILLed after `timeout` s.
 
     A bare os.fork rather than multiprocessing: it works from any thread and inside daemonic worker processes
     (multiprocessing refuses to start children there). The child only computes and writes one byte.
     """
     if not hasattr(os, "fork"):  # no fork on this platform: only the guards in `_to_sympy_source` protect us
-        return _sympy_equal(gold_source, pred_source)
+        return _sympy_equal(gold_source, pred_source, proportional)
     _warm_up_sympy()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into the caller's code
         try:
             os.close(read_fd)
-            os.write(write_fd, b"1" if _sympy_equal(gold_source, pred_source) else b"0")
+            os.write(write_fd, b"1" if _sympy_equal(gold_source, pred_source, proportional) else b"0")
         finally:
             os._exit(0)
     os.close(write_fd)
@@ -191,6 +207,146 @@ def _sympy_equal_with_timeout(gold_source: str, pred_source: str, timeout: float
             os.waitpid(pid, 0)
 
 
+_MAX_PARTS = 16
+_MAX_STRUCTURED_CHARS = 2000
+_MATRIX_RE = re.compile(r"\\begin\{([pb])matrix\}(.*)\\end\{\1matrix\}")
+_LETTER_EQUATION_RE = re.compile(r"([a-zA-Z])=([^=]+)|([^=]+)=([a-zA-Z])")
+
+
+def _split_top_level(s: str, separator: str) -> list[str] | None:
+    """`s` split at `separator` outside any brackets; None when the brackets do not balance."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        if s.startswith("\\{", i) or s.startswith("\\}", i):
+            depth += 1 if s[i + 1] == "{" else -1
+            i += 2
+            continue
+        ch = s[i]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(separator, i):
+            parts.append(s[start:i])
+            start = i + len(separator)
+            i = start
+            continue
+        if depth < 0:
+            return None
+        i += 1
+    parts.append(s[start:])
+    return parts if depth == 0 else None
+
+
+def _structure(s: str) -> tuple | None:
+    """("union"|"set"|"list", parts), ("seq", brackets, parts) or ("matrix", rows) for a structured answer."""
+    if len(s) > _MAX_STRUCTURED_CHARS:
+        return None
+    union = _split_top_level(s, "\\cup")
+    if union and len(union) > 1:
+        return ("union", union)
+    matrix = _MATRIX_RE.fullmatch(s)
+    if matrix:
+        rows = [row.split("&") for row in matrix.group(2).split(";") if row]
+        return ("matrix", rows) if rows and len({len(row) for row in rows}) == 1 else None
+    if s.startswith("\\{") and s.endswith("\\}"):
+        inner = _split_top_level(s[2:-2], ",")
+        return ("set", inner) if inner else None
+    if len(s) > 2 and s[0] in "([" and s[-1] in ")]":
+        inner = _split_top_level(s[1:-1], ",")  # None unless the outer brackets enclose everything
+        if inner and len(inner) > 1:
+            return ("seq", s[0] + s[-1], inner)
+    parts = _split_top_level(s, ",")
+    if parts and len(parts) > 1:
+        return ("list", parts)
+    plus_minus = _split_top_level(s, "\\pm")
+    if plus_minus and len(plus_minus) == 2:  # 1\pm\sqrt{2}: the set of both signs
+        return ("set", [s.replace("\\pm", "+"), s.replace("\\pm", "-")])
+    return None
+
+
+def _time_left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _parts_equal(gold: list[str], pred: list[str], ordered: bool, deadline: float) -> bool:
+    if len(gold) != len(pred) or len(gold) > _MAX_PARTS or not all(gold) or not all(pred):
+        return False
+    if ordered:
+        return all(_equal(g, p, deadline) for g, p in zip(gold, pred, strict=True))
+    unused = list(pred)
+    for g in gold:
+        match = next((i for i, p in enumerate(unused) if _equal(g, p, deadline)), None)
+        if match is None:
+            return False
+        unused.pop(match)
+    return True
+
+
+def _scalar_equal(gold: str, pred: str, deadline: float) -> bool:
+    gold_value, pred_value = _to_fraction(gold), _to_fraction(pred)
+    if gold_value is not None and pred_value is not None:
+        return gold_value == pred_value
+    gold_source, pred_source = _to_sympy_source(gold), _to_sympy_source(pred)
+    if gold_source is None or pred_source is None:
+        return False
+    return _sympy_equal_with_timeout(gold_source, pred_source, _time_left(deadline))
+
+
+def _letter_equation(s: str) -> tuple[str, str] | None:
+    """("x", "3") for `x=3` or `3=x`, else None."""
+    match = _LETTER_EQUATION_RE.fullmatch(s)
+    if not match:
+        return None
+    return (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+
+
+def _equal(gold: str, pred: str, deadline: float) -> bool:
+    """Equivalence of two normalised answers."""
+    if gold == pred:
+        return True
+    gold_value, pred_value = _to_fraction(gold), _to_fraction(pred)
+    if gold_value is not None and pred_value is not None:  # the common case: two plain numbers
+        return gold_value == pred_value
+    if time.monotonic() > deadline:
+        return False
+    gold_structure, pred_structure = _structure(gold), _structure(pred)
+    if gold_structure or pred_structure:
+        if not gold_structure or not pred_structure:
+            return False
+        kinds = {gold_structure[0], pred_structure[0]}
+        if kinds <= {"set", "list"} or kinds == {"union"}:
+            return _parts_equal(gold_structure[1], pred_structure[1], False, deadline)
+        if kinds == {"seq"}:
+            same_brackets = gold_structure[1] == pred_structure[1]
+            return same_brackets and _parts_equal(gold_structure[2], pred_structure[2], True, deadline)
+        if kinds == {"matrix"}:
+            gold_rows, pred_rows = gold_structure[1], pred_structure[1]
+            return len(gold_rows) == len(pred_rows) and all(
+                _parts_equal(g, p, True, deadline) for g, p in zip(gold_rows, pred_rows, strict=True)
+            )
+        return False
+    if "=" in gold or "=" in pred:
+        gold_equation, pred_equation = _letter_equation(gold), _letter_equation(pred)
+        if gold_equation and pred_equation and gold_equation[0] == pred_equation[0]:
+            return _equal(gold_equation[1], pred_equation[1], deadline)
+        if "=" not in pred and gold_equation:
+            return _equal(gold_equation[1], pred, deadline)
+        if "=" not in gold and pred_equation:
+            return _equal(gold, pred_equation[1], deadline)
+        gold_sides, pred_sides = gold.split("="), pred.split("=")
+        if len(gold_sides) != 2 or len(pred_sides) != 2:
+            return False
+        sources = [_to_sympy_source(side) for side in (*gold_sides, *pred_sides)]
+        if None in sources:
+            return False
+        gold_source, pred_source = f"({sources[0]})-({sources[1]})", f"({sources[2]})-({sources[3]})"
+        if len(gold_source) >= _MAX_SYMPY_CHARS or len(pred_source) >= _MAX_SYMPY_CHARS:
+            return False
+        return _sympy_equal_with_timeout(gold_source, pred_source, _time_left(deadline), proportional=True)
+    return _scalar_equal(gold, pred, deadline)
+
+
 def answers_equal(gold: str, pred: str, timeout: float = 5.0) -> bool:
     """Whether two already-extracted answers are equivalent (see the module docstring for the rules)."""
     gold, pred = normalise(gold), normalise(pred)
@@ -198,13 +354,7 @@ def answers_equal(gold: str, pred: str, timeout: float = 5.0) -> bool:
         return False
     if gold == pred:
         return True
-    gold_value, pred_value = _to_fraction(gold), _to_fraction(pred)
-    if gold_value is not None and pred_value is not None:
-        return gold_value == pred_value
-    gold_source, pred_source = _to_sympy_source(gold), _to_sympy_source(pred)
-    if gold_source is None or pred_source is None:
-        return False
-    return _sympy_equal_with_timeout(gold_source, pred_source, timeout)
+    return _equal(gold, pred, time.monotonic() + timeout)  # one time budget for all the parts of an answer
 
 
 def verify(gold: str, response: str, strict: bool = True, timeout: float = 5.0) -> bool:

@@ -169,3 +169,22 @@ def test_sympy_checks_leak_no_file_descriptors():
     results = [verify("\\sqrt{2}", f"\\boxed{{{k}/\\sqrt{{2}}}}") for k in (1, 2, 3, 4)]
     assert results == [False, True, False, False]
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_structured_answers_share_one_time_budget():
+    # 8 unordered parts, each compared with 8 slow ones: 64 sympy checks of `timeout` s each without one budget.
+    gold = ", ".join(f"x+{i}" for i in range(8))
+    response = "\\boxed{" + ", ".join(["((9^{999})^{999})^{999}"] * 8) + "}"
+    start = time.perf_counter()
+    assert verify(gold, response, timeout=0.3) is False
+    assert time.perf_counter() - start < 1.5
+
+
+def test_structured_answers_compare_part_by_part():
+    assert verify("\\{1, 2\\}", "\\boxed{\\{2, 1\\}}")
+    assert verify("[1, 2)", "\\boxed{\\left[1, 2\\right)}")
+    assert not verify("[1, 2)", "\\boxed{(1, 2]}")
+    assert not verify("(1, 2)", "\\boxed{(2, 1)}")
+    assert not verify("(1, 2)", "\\boxed{1}")  # a structured gold never matches a bare part of itself
+    assert not verify("3x-y+13=0", "\\boxed{3x+4y+14=0}")  # never the right-hand sides alone
+    assert verify("3x-y+13=0", "\\boxed{6x-2y+26=0}")

@@ -1,0 +1,109 @@
+"""Benchmark posttrain.verifiers.math.verify against the `math-verify` PyPI package on our labelled set.
+
+Reports, side by side, checks per second, p50/p99 latency per check and agreement with the labels (with the
+false positives and false negatives counted separately, and the per-category agreement).
+
+    .venv/bin/python bench/math_verify_bench.py [--repeat N]
+
+math-verify is benchmark-only (not a posttrain dependency); install it with
+    .venv/bin/python -m pip install math-verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "verifiers" / "data" / "math_labelled.jsonl"
+
+
+def load_cases() -> list[dict]:
+    return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def posttrain_checker() -> Callable[[str, str], bool]:
+    from posttrain.verifiers.math import verify
+
+    return verify
+
+
+def math_verify_checker() -> Callable[[str, str], bool] | None:
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+
+    def check(gold: str, response: str) -> bool:
+        try:
+            gold_parsed = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$")
+            return bool(verify(gold_parsed, parse(response)))
+        except Exception:
+            return False
+
+    return check
+
+
+def run(check: Callable[[str, str], bool], cases: list[dict], repeat: int) -> dict:
+    for case in cases:  # warm-up: imports, caches, sympy's lazy loading
+        check(case["gold"], case["response"])
+    latencies, results = [], []
+    start = time.perf_counter()
+    for _ in range(repeat):
+        results = []
+        for case in cases:
+            t0 = time.perf_counter()
+            results.append(check(case["gold"], case["response"]))
+            latencies.append(time.perf_counter() - t0)
+    total = time.perf_counter() - start
+    latencies.sort()
+    per_category: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for case, got in zip(cases, results, strict=True):
+        per_category[case["category"]][0] += got is case["expected"]
+        per_category[case["category"]][1] += 1
+    return {
+        "checks_per_s": len(latencies) / total,
+        "p50_us": statistics.median(latencies) * 1e6,
+        "p99_us": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e6,
+        "agree": sum(got is case["expected"] for case, got in zip(cases, results, strict=True)),
+        "false_pos": sum(got and not case["expected"] for case, got in zip(cases, results, strict=True)),
+        "false_neg": sum(case["expected"] and not got for case, got in zip(cases, results, strict=True)),
+        "per_category": dict(per_category),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes over the set (after one warm-up pass)")
+    args = parser.parse_args()
+    cases = load_cases()
+    checkers = {"posttrain": posttrain_checker()}
+    other = math_verify_checker()
+    if other is None:
+        print("math-verify is not installed; benchmarking posttrain only. Install: pip install math-verify\n")
+    else:
+        checkers["math-verify"] = other
+    stats = {name: run(check, cases, args.repeat) for name, check in checkers.items()}
+    n = len(cases)
+    print(f"{n} labelled cases ({sum(not c['expected'] for c in cases)} must-be-False), {args.repeat} timed passes\n")
+    print(f"{'verifier':<12} {'checks/s':>10} {'p50 us':>9} {'p99 us':>10} {'agree':>13} {'false+':>7} {'false-':>7}")
+    for name, s in stats.items():
+        agree = f"{s['agree']}/{n} {100 * s['agree'] / n:.1f}%"
+        print(
+            f"{name:<12} {s['checks_per_s']:>10.0f} {s['p50_us']:>9.1f} {s['p99_us']:>10.1f} {agree:>13} "
+            f"{s['false_pos']:>7} {s['false_neg']:>7}"
+        )
+    print("\nagreement per category:")
+    print(f"{'category':<18}" + "".join(f"{name:>14}" for name in stats))
+    for category in sorted(stats["posttrain"]["per_category"]):
+        cells = "".join(f"{'{}/{}'.format(*s['per_category'][category]):>14}" for s in stats.values())
+        print(f"{category:<18}{cells}")
+
+
+if __name__ == "__main__":
+    main()
