@@ -104,6 +104,8 @@ class RewardConfig(_Section):
     """`path/file.py:name`, `package.module:name` or a built-in (`math_accuracy`, `format`)"""
     weight: float = 1.0
     """weight in the summed reward"""
+    args: dict[str, Any] = {}
+    """keyword arguments bound to the function (e.g. `{max_tokens: 512, cache_tokens: 128}`)"""
     name: str | None = None
     """name in the logs (default: the function's name)"""
 

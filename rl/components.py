@@ -5,6 +5,8 @@ Kept apart from the training loop so that `posttrain train` and `posttrain eval`
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from typing import Any
 
@@ -40,8 +42,30 @@ def load_reward_specs(cfg: RecipeConfig, base_dir: str = ".") -> list[RewardSpec
             fn = load_reward_function(entry.fn, base_dir=base_dir)
         except Exception as err:
             raise RewardLoadError(f"rewards[{i}].fn = {entry.fn!r}: {err}") from None
+        fn = _bind_args(fn, entry.args, f"rewards[{i}] ({entry.fn})")
         specs.append(RewardSpec(fn=fn, name=name, weight=entry.weight))
     return specs
+
+
+def _bind_args(fn, args: dict, where: str):
+    """`functools.partial(fn, **args)` (or `fn` itself without args), refusing arguments the function cannot take
+    and missing required keyword-only ones, so a wrong `args:` fails before any work rather than mid-run."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return functools.partial(fn, **args) if args else fn
+    params = signature.parameters.values()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    unknown = [k for k in args if k not in signature.parameters and not takes_any]
+    missing = [
+        p.name
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty and p.name not in args
+    ]
+    if unknown or missing:
+        problem = f"takes no argument {unknown}" if unknown else f"needs {missing}"
+        raise RewardLoadError(f"{where}.args: {fn.__name__} {problem}; its parameters: {list(signature.parameters)}")
+    return functools.partial(fn, **args) if args else fn
 
 
 def accuracy_reward_name(cfg: RecipeConfig) -> str:
