@@ -1,10 +1,13 @@
-"""Built-in reward functions, in TRL GRPOTrainer's interface. Named in recipes as `math_accuracy` and `format`."""
+"""Built-in reward functions, in TRL GRPOTrainer's interface. Named in recipes as `math_accuracy`, `format`,
+`code_tests` (defined in `rewards.code`), `overlong_penalty` and `length_penalty` (in `rewards.shaping`)."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from posttrain.rewards.code import code_tests  # imports `completion_text` from here lazily: no import cycle
+from posttrain.rewards.shaping import length_penalty, overlong_penalty
 from posttrain.verifiers.math import boxed_contents, verify
 
 _THINK_OPEN = "<think>"
@@ -87,5 +90,11 @@ def format_reward(prompts: list, completions: list, **kwargs: Any) -> list[float
     return [1.0 if _format_ok(completion_text(completion)) else 0.0 for completion in completions]
 
 
-BUILTIN_REWARDS = {"math_accuracy": math_accuracy, "format": format_reward}
+BUILTIN_REWARDS = {
+    "math_accuracy": math_accuracy,
+    "format": format_reward,
+    "code_tests": code_tests,
+    "overlong_penalty": overlong_penalty,
+    "length_penalty": length_penalty,
+}
 """Names accepted by `load_reward_function` without a path."""

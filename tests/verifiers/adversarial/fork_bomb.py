@@ -1,0 +1,9 @@
+# mode: assert
+# needs: bwrap
+import os
+
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass

@@ -1,0 +1,6 @@
+# mode: both
+import sys
+
+while True:
+    sys.stdout.write("x" * 65536)
+    sys.stderr.write("y" * 65536)

@@ -1,0 +1,3 @@
+# mode: both
+while True:
+    pass

@@ -1,0 +1,4 @@
+# mode: both
+hog = []
+while True:
+    hog.append(bytearray(50 << 20))

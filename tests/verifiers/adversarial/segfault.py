@@ -1,0 +1,4 @@
+# mode: both
+import ctypes
+
+ctypes.string_at(0)

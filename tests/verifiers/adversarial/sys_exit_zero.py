@@ -1,0 +1,4 @@
+# mode: both
+import sys
+
+sys.exit(0)
