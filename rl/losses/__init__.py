@@ -1,5 +1,30 @@
 """Per-token losses: pure functions of tensors returning `(loss, metrics)` with detached metrics."""
 
+from posttrain.rl.losses.distill import generalized_jsd, reverse_kl_sampled
 from posttrain.rl.losses.policy import clipped_policy_loss
+from posttrain.rl.losses.preference import (
+    dpo_hinge,
+    dpo_ipo,
+    dpo_robust,
+    dpo_sigmoid,
+    log1mexp,
+    orpo,
+    sequence_logprob,
+)
+from posttrain.rl.losses.reward_model import bradley_terry
+from posttrain.rl.losses.sft import sft_nll
 
-__all__ = ["clipped_policy_loss"]
+__all__ = [
+    "bradley_terry",
+    "clipped_policy_loss",
+    "dpo_hinge",
+    "dpo_ipo",
+    "dpo_robust",
+    "dpo_sigmoid",
+    "generalized_jsd",
+    "log1mexp",
+    "orpo",
+    "reverse_kl_sampled",
+    "sequence_logprob",
+    "sft_nll",
+]

@@ -1,0 +1,151 @@
+"""Token-level advantages for PPO (GAE with a value model) and REINFORCE++, and PPO's clipped value loss.
+
+All inputs are `[batch, tokens]` over the completion, right-padded: `mask_BT` is 1 on a contiguous run of
+completion tokens of each row (a row may also start with masked-out prompt positions) and 0 on padding. Outputs are
+exactly 0 at masked-out positions. These are no-gradient computations: pass detached rewards/values (except
+`value_loss`, which needs the gradient of `values_BT`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from posttrain.rl.metrics import masked_mean, masked_sum
+from posttrain.rl.reduction import token_mean
+
+
+def gae_token_rewards(scores_B: Tensor, kl_BT: Tensor, mask_BT: Tensor, kl_coef: float) -> Tensor:
+    """PPO's per-token reward `r_t = -kl_coef * KL_t`, plus the sequence score at the last completion token.
+
+    Ziegler et al. (1909.08593) / InstructGPT (2203.02155, eq. 2) as ALGORITHMS.md "GAE" states it. [batch, tokens].
+    """
+    _check_bt(mask_BT, "gae_token_rewards", kl_BT)
+    mask = mask_BT.bool()
+    rewards_BT = torch.where(mask, -kl_coef * kl_BT, 0.0)
+    last_B = _last_index(mask)
+    has_tokens_B = mask.any(-1)
+    rows_B = torch.arange(mask.shape[0], device=mask.device)
+    rewards_BT[rows_B, last_B] += torch.where(has_tokens_B, scores_B.to(rewards_BT.dtype), 0.0)
+    return rewards_BT
+
+
+def gae(
+    rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation by a backward scan (Schulman et al., 1506.02438, eq. 16; PPO 1707.06347 eq. 11).
+
+    `delta_t = r_t + gamma V_{t+1} - V_t`, `A_t = delta_t + gamma lam A_{t+1}`, with V and A taken as 0 after the
+    last completion token (the episode ends there: no bootstrap from padding). Returns `(advantages_BT,
+    returns_BT = A + V)`, both 0 at masked-out positions. Whitening is separate (`whiten`), applied to the
+    advantages only, after the returns are formed.
+    Deviations: none.
+    """
+    _check_bt(mask_BT, "gae", rewards_BT, values_BT)
+    mask_BT = mask_BT.to(values_BT.dtype)
+    values_BT = torch.where(mask_BT.bool(), values_BT, 0.0)
+    rewards_BT = torch.where(mask_BT.bool(), rewards_BT, 0.0)
+    num_tokens = rewards_BT.shape[1]
+    advantages = []
+    next_value_B = torch.zeros_like(values_BT[:, 0])
+    next_advantage_B = torch.zeros_like(values_BT[:, 0])
+    for t in reversed(range(num_tokens)):
+        delta_B = rewards_BT[:, t] + gamma * next_value_B - values_BT[:, t]
+        advantage_B = (delta_B + gamma * lam * next_advantage_B) * mask_BT[:, t]
+        advantages.append(advantage_B)
+        next_value_B, next_advantage_B = values_BT[:, t], advantage_B
+    advantages_BT = torch.stack(advantages[::-1], dim=1)
+    return advantages_BT, (advantages_BT + values_BT) * mask_BT
+
+
+def whiten(x_BT: Tensor, mask_BT: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Masked whitening over the whole batch: `(x - mean) / sqrt(var + eps)` over the masked entries.
+
+    Unbiased variance (as TRL's `masked_whiten`); with `shift_mean=False` the mean is added back (scale only).
+    0 at masked-out positions. Fewer than two masked entries: the variance is taken as 0.
+    """
+    _check_bt(mask_BT, "whiten", x_BT)
+    mean = masked_mean(x_BT, mask_BT)
+    count = float((mask_BT != 0).sum())
+    var = masked_sum((x_BT - mean).square(), mask_BT) / max(count - 1, 1.0)
+    whitened_BT = (x_BT - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened_BT = whitened_BT + mean
+    return torch.where(mask_BT.bool(), whitened_BT, 0.0)
+
+
+def reinforce_pp_advantages(
+    rewards_B: Tensor, kl_BT: Tensor, mask_BT: Tensor, kl_coef: float, group_size: int | None = None
+) -> Tensor:
+    """REINFORCE++ token advantages (Hu, 2501.03262, sections 3.1-3.2), [batch, tokens].
+
+    Per-token return (gamma = 1): `return_t = r_seq - kl_coef * sum_{s >= t, masked} KL_s`, i.e. the sequence
+    reward minus the KL penalty still to come; then whitened over all masked tokens of the batch (`whiten`).
+    With `group_size = G` (the "REINFORCE++-baseline" variant), rows are consecutive groups of G samples of one
+    prompt and `r_seq` is first replaced by `r_seq - mean_group(r_seq)`.
+
+    Args:
+        rewards_B: [batch] sequence rewards (batch = num_prompts * G when grouped).
+        kl_BT: [batch, tokens] per-token KL estimate (e.g. `rl.kl.kl_k1`), no gradient.
+        mask_BT: [batch, tokens] completion mask.
+        kl_coef: the KL penalty coefficient (>= 0).
+        group_size: G for the baseline variant; `None` for plain REINFORCE++.
+
+    Deviations: NaN (skipped) rewards are not handled here (mask those rows out and give them a 0 reward).
+    """
+    _check_bt(mask_BT, "reinforce_pp_advantages", kl_BT)
+    if rewards_B.shape != mask_BT.shape[:1]:
+        raise ValueError(f"reinforce_pp_advantages: rewards {tuple(rewards_B.shape)} must be [batch]")
+    if group_size is not None:
+        if group_size < 1 or rewards_B.shape[0] % group_size:
+            raise ValueError(f"reinforce_pp_advantages: batch {rewards_B.shape[0]} is not a multiple of {group_size}")
+        rewards_BG = rewards_B.reshape(-1, group_size)  # consecutive rows are one prompt's group
+        rewards_B = (rewards_BG - rewards_BG.mean(-1, keepdim=True)).reshape(-1)
+    mask = mask_BT.bool()
+    penalty_BT = torch.where(mask, kl_coef * kl_BT, 0.0)
+    penalty_to_go_BT = penalty_BT.flip(-1).cumsum(-1).flip(-1)  # sum_{s >= t}
+    returns_BT = torch.where(mask, rewards_B[:, None] - penalty_to_go_BT, 0.0)
+    return whiten(returns_BT, mask_BT)
+
+
+def value_loss(
+    values_BT: Tensor,
+    old_values_BT: Tensor,
+    returns_BT: Tensor,
+    mask_BT: Tensor,
+    clip: float,
+    num_tokens: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO's clipped value loss, token mean of `0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)`.
+
+    As in OpenAI baselines' PPO2 / TRL (the PPO paper, 1707.06347 eq. 9, has the unclipped squared error).
+    `num_tokens` is the step-wide normaliser of `rl.reduction.token_mean`.
+
+    Metrics: `value/clip_fraction` (the clipped term was strictly larger), `value/mean`, `value/error`
+    (masked mean of (V - R)^2).
+    """
+    _check_bt(mask_BT, "value_loss", values_BT, old_values_BT, returns_BT)
+    if clip <= 0:
+        raise ValueError(f"value_loss: clip must be > 0, got {clip}")
+    clipped_BT = old_values_BT + (values_BT - old_values_BT).clamp(-clip, clip)
+    unclipped_error_BT = (values_BT - returns_BT).square()
+    clipped_error_BT = (clipped_BT - returns_BT).square()
+    loss_BT = 0.5 * torch.maximum(unclipped_error_BT, clipped_error_BT)
+    loss = token_mean(loss_BT, mask_BT, num_tokens)
+    metrics = {
+        "value/clip_fraction": float(masked_mean((clipped_error_BT > unclipped_error_BT).float(), mask_BT)),
+        "value/mean": float(masked_mean(values_BT.detach(), mask_BT)),
+        "value/error": float(masked_mean(unclipped_error_BT.detach(), mask_BT)),
+    }
+    return loss, metrics
+
+
+def _last_index(mask_BT: Tensor) -> Tensor:
+    """Index of the last nonzero entry of each row, [batch] (0 for an empty row)."""
+    positions_BT = torch.arange(mask_BT.shape[1], device=mask_BT.device).expand_as(mask_BT)
+    return torch.where(mask_BT, positions_BT, 0).amax(-1)
+
+
+def _check_bt(mask_BT: Tensor, who: str, *tensors_BT: Tensor) -> None:
+    if mask_BT.dim() != 2 or any(t.shape != mask_BT.shape for t in tensors_BT):
+        raise ValueError(f"{who}: inputs must all be [batch, tokens] like the mask {tuple(mask_BT.shape)}")

@@ -1,0 +1,89 @@
+"""GAE (scan vs an explicit loop twin), whitening, REINFORCE++ advantages and the clipped value loss."""
+
+import pytest
+import torch
+
+from posttrain.rl.advantages_ppo import gae, gae_token_rewards, reinforce_pp_advantages, value_loss, whiten
+
+
+def test_gae_by_hand():
+    # rewards [0, 0, 1], V = 0.5 everywhere, gamma 1, lambda 0.95; V after the last token is 0:
+    # delta_2 = 1 - 0.5 = 0.5 -> A_2 = 0.5; delta_1 = 0 + 0.5 - 0.5 = 0 -> A_1 = 0.95 * 0.5 = 0.475;
+    # delta_0 = 0 -> A_0 = 0.95 * 0.475 = 0.45125; returns = A + V = [0.95125, 0.975, 1.0]; padding 0
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 7.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5, 9.0]])
+    adv, ret = gae(rewards, values, torch.tensor([[1, 1, 1, 0]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.45125, 0.475, 0.5, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ret, torch.tensor([[0.95125, 0.975, 1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def _gae_loop(rewards, values, mask, gamma, lam):
+    """Python-float twin: walk each row's completion tokens backwards."""
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        positions = [t for t in range(rewards.shape[1]) if mask[i, t]]
+        next_value, next_adv = 0.0, 0.0
+        for t in reversed(positions):
+            delta = rewards[i, t].item() + gamma * next_value - values[i, t].item()
+            next_adv = delta + gamma * lam * next_adv
+            next_value = values[i, t].item()
+            adv[i, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_scan_matches_loop_twin_with_padding(gamma, lam):
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    values = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    # right padding of various lengths, one row with a masked-out prompt prefix, one empty row
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float64
+    )
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    adv_twin, ret_twin = _gae_loop(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, adv_twin, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ret, ret_twin, atol=1e-6, rtol=0)
+
+
+def test_gae_token_rewards_adds_score_at_last_token():
+    # -0.1 * kl, score at the last masked token: row 0 [-0.01, 1 - 0.02, 0], row 1 [-0.05, -0.05, 2 - 0.05]
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
+    out = gae_token_rewards(torch.tensor([1.0, 2.0]), kl, torch.tensor([[1, 1, 0], [1, 1, 1]]), kl_coef=0.1)
+    torch.testing.assert_close(out, torch.tensor([[-0.01, 0.98, 0.0], [-0.05, -0.05, 1.95]]), atol=1e-6, rtol=0)
+
+
+def test_whiten_by_hand():
+    # [1, 2, 3]: mean 2, unbiased var 1 -> [-1, 0, 1]; padding stays 0
+    out = whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1, 1, 1, 0]]))
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_reinforce_pp_by_hand():
+    # rewards [1, 0], kl_coef 1; KL-to-go: row 0 [0.1 + 0.2, 0.2] -> returns [0.7, 0.8]; row 1 [0.3] -> [-0.3]
+    # whiten over the 3 tokens: mean 0.4, deviations [0.3, 0.4, -0.7], unbiased var 0.74 / 2 = 0.37,
+    # std 0.6082763 -> [0.4931970, 0.6575959, -1.1507929]
+    kl = torch.tensor([[0.1, 0.2], [0.3, 5.0]])
+    adv = reinforce_pp_advantages(torch.tensor([1.0, 0.0]), kl, torch.tensor([[1, 1], [1, 0]]), kl_coef=1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.4931970, 0.6575959], [-1.1507929, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_reinforce_pp_group_baseline_subtracts_group_mean_first():
+    # groups of 2: [1, 0] -> [0.5, -0.5]; [1, 1] -> [0, 0]; then the same as plain REINFORCE++ on those rewards
+    gen = torch.Generator().manual_seed(1)
+    kl = torch.rand(4, 3, generator=gen)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    grouped = reinforce_pp_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), kl, mask, 0.1, group_size=2)
+    plain = reinforce_pp_advantages(torch.tensor([0.5, -0.5, 0.0, 0.0]), kl, mask, 0.1)
+    torch.testing.assert_close(grouped, plain, atol=1e-6, rtol=0)
+
+
+def test_value_loss_by_hand():
+    # token 0: V 1, V_old 0.5, R 2, c 0.2: unclipped (1-2)^2 = 1, clipped V 0.7 -> 1.69; 0.5 * 1.69 = 0.845 (clipped)
+    # token 1: V 0 = V_old, R 1: both 1 -> 0.5;  token 2 padding. mean (0.845 + 0.5) / 2 = 0.6725
+    values = torch.tensor([[1.0, 0.0, 3.0]])
+    loss, metrics = value_loss(
+        values, torch.tensor([[0.5, 0.0, 0.0]]), torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[1, 1, 0]]), clip=0.2
+    )
+    assert loss.item() == pytest.approx(0.6725, abs=1e-6)
+    assert metrics["value/clip_fraction"] == 0.5
