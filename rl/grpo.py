@@ -90,7 +90,9 @@ class GRPOTrainer:
         if resume_ckpt is not None:
             ray.get(self.learner.load_checkpoint.remote(str(resume_ckpt)))
             self._sync_weights()
-        self.logger = RunLogger(self.run_dir, resume_after_step=self.start_step if resume_ckpt else None)
+        # resuming drops the rows of steps after the checkpoint (all rows if there was no checkpoint yet)
+        keep_until = (self.start_step if resume_ckpt else -1) if cfg.resume else None
+        self.logger = RunLogger(self.run_dir, resume_after_step=keep_until)
 
     def _open_run_dir(self) -> tuple[Path, int, Path | None]:
         cfg = self.cfg

@@ -53,3 +53,12 @@ def test_pass_at_k_unbiased_estimator():
     # n=4 samples, c=1 correct: pass@1 = 1/4; pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(0.5)
     assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+
+
+def test_resume_without_a_checkpoint_starts_the_logs_afresh(tmp_path):
+    logger = RunLogger(tmp_path)
+    logger.log(0, {"eval/accuracy": 0.5})
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    RunLogger(tmp_path, resume_after_step=-1).close()
+    assert read_metrics(tmp_path) == []
