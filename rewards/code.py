@@ -31,25 +31,34 @@ def _column(value: Any, n: int, name: str) -> list:
     return list(value)
 
 
-def _score(program: str | None, test: str | None, entry: str | None, cases: Any, timeout: float) -> float | None:
+def _score(
+    program: str | None, test: str | None, entry: str | None, cases: Any, timeout: float, partial: bool
+) -> float | None:
     has_io = cases is not None and len(cases) > 0
     if not test and not has_io:
         return None
     if program is None:
         return 0.0
+    parts: list[tuple[float, int]] = []  # (pass fraction, number of tests) of the assert and io parts
     if test:
         try:
-            if not run_assert_tests(program, test, entry or "", timeout).passed:
-                return 0.0
+            result = run_assert_tests(program, test, entry or "", timeout)
         except ValueError:  # the sample's test code does not parse: no usable tests
             return None
+        if not partial and not result.passed:
+            return 0.0
+        parts.append((result.pass_fraction, max(1, len(result.statuses))))
     if has_io:
         pairs = [
             (str(c[0]), str(c[1])) if not isinstance(c, dict) else (str(c["input"]), str(c["output"])) for c in cases
         ]
-        if not run_io_tests(program, pairs, timeout).passed:
+        result = run_io_tests(program, pairs, timeout)
+        if not partial and not result.passed:
             return 0.0
-    return 1.0
+        parts.append((result.pass_fraction, len(pairs)))
+    if not partial:
+        return 1.0
+    return sum(f * n for f, n in parts) / sum(n for _, n in parts)
 
 
 def code_tests(
@@ -58,10 +67,13 @@ def code_tests(
     tests: list | None = None,
     entry_point: list | None = None,
     io_cases: list | None = None,
+    *,
+    partial: bool = False,
     **kwargs: Any,
 ) -> list[float | None]:
     """1.0 when the completion's last ```python block passes all of its sample's tests, else 0.0 (all-or-nothing);
-    None for a sample with no tests.
+    with `partial=True` (recipe: `args: {partial: true}`) the fraction of tests passed instead. None for a sample
+    with no tests.
 
     Dataset columns: `tests` (assert-style test code: a `check(candidate)` called with `entry_point`, or bare
     asserts) and/or `io_cases` (a list of (stdin, expected stdout) pairs, or {"input", "output"} dicts).
@@ -77,5 +89,7 @@ def code_tests(
     programs = [extract_program(completion_text(c)) for c in completions]
     timeout = float(kwargs.get("code_timeout") or DEFAULT_TIMEOUT)
     with ThreadPoolExecutor(max_workers=MAX_WORKERS) as pool:
-        futures = [pool.submit(_score, programs[i], tests_col[i], entry_col[i], io_col[i], timeout) for i in range(n)]
+        futures = [
+            pool.submit(_score, programs[i], tests_col[i], entry_col[i], io_col[i], timeout, partial) for i in range(n)
+        ]
         return [f.result() for f in futures]

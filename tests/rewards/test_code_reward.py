@@ -31,3 +31,17 @@ def test_code_tests_scores_all_or_nothing():
 def test_code_tests_is_a_builtin():
     assert BUILTIN_REWARDS["code_tests"] is code_tests
     assert load_reward_function("code_tests") is code_tests
+
+
+def test_partial_credit_gives_the_fraction_of_tests_passed():
+    half = "```python\ndef solve(n):\n    return 4\n```"  # passes candidate(2) == 4, fails candidate(3) == 9
+    io_half = "```python\nprint(4)\n```"  # right for stdin 2, wrong for stdin 3
+    scores = code_tests(
+        prompts=["p"] * 3,
+        completions=[half, GOOD, io_half],
+        tests=[TEST, TEST, None],
+        entry_point=["solve"] * 3,
+        io_cases=[None, None, [("2", "4"), ("3", "9")]],
+        partial=True,
+    )
+    assert scores == [0.5, 1.0, 0.5]
