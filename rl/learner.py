@@ -7,6 +7,9 @@ reference is the same model with the adapter disabled, so no second copy of the 
 Deviation, stated: with one policy update per rollout batch, `lp_old` is the learner's own log-prob detached
 (ratio == 1, so the clip only matters once several updates per batch exist). The sampler's log-probs are used
 only to log how far the engine's numbers are from the learner's (`rollout/logprob_diff`), a weight-sync check.
+
+Cost, stated: whenever a reference exists (always with LoRA; with full weights only when `kl_coef > 0`), each
+micro-batch gets one extra no-grad forward pass so that `kl` is logged even when it is not in the loss.
 """
 
 from __future__ import annotations

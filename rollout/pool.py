@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import ray
 
@@ -27,7 +28,7 @@ class RolloutPool:
             part = prompts[i * chunk : (i + 1) * chunk]
             if part:
                 seed = None if params.seed is None else params.seed + i
-                futures.append(worker.generate.remote(part, _with_seed(params, seed)))
+                futures.append(worker.generate.remote(part, replace(params, seed=seed)))
         results: list[PromptResult] = []
         for part in ray.get(futures, timeout=self.timeout_s):
             results.extend(part)
@@ -45,9 +46,3 @@ class RolloutPool:
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"weight sync to {len(self.workers)} rollout workers took over {timeout_s} s") from None
         return time.perf_counter() - start
-
-
-def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)
