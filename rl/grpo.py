@@ -127,6 +127,10 @@ class GRPOTrainer:
             seed=self.cfg.seed * 100_003 + step,
         )
 
+    def score_samples(self, samples: list[Sample]):
+        """Every reward function on the samples (the one place training scores rewards)."""
+        return score(samples, self.specs, self.cfg.algorithm.on_reward_error)
+
     def _sync_weights(self) -> float:
         weights_ref = self.learner.get_weights.remote()
         return self.pool.load_weights(weights_ref)
@@ -153,7 +157,7 @@ class GRPOTrainer:
         results = self.pool.generate(self.format(rows), self._sampling(step))
         t1 = time.perf_counter()
         samples = to_samples(rows, results)
-        scores = score(samples, self.specs, algo.on_reward_error)
+        scores = self.score_samples(samples)
         t2 = time.perf_counter()
         rewards_BG = torch.tensor(scores.total, dtype=torch.float32).view(len(rows), algo.samples_per_prompt)
         advantages = group_relative_advantages(rewards_BG, std=algo.advantage_std).flatten().tolist()
