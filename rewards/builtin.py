@@ -8,7 +8,7 @@ from typing import Any
 
 from posttrain.rewards.code import code_tests  # imports `completion_text` from here lazily: no import cycle
 from posttrain.rewards.shaping import length_penalty, overlong_penalty
-from posttrain.verifiers.math import boxed_contents, verify
+from posttrain.verifiers.math import boxed_contents, verify_many
 
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
@@ -45,18 +45,26 @@ def _gold_answers(answer: list | None, kwargs: dict[str, Any], batch_size: int) 
     return golds
 
 
-def math_accuracy(prompts: list, completions: list, answer: list | None = None, **kwargs: Any) -> list[float | None]:
+def math_accuracy(
+    prompts: list, completions: list, answer: list | None = None, *, timeout: float = 5.0, **kwargs: Any
+) -> list[float | None]:
     """1.0 when the completion's marked final answer (`\\boxed{}`, `<answer>`, `####`, "the answer is") equals the
     gold answer, else 0.0; None for a sample whose gold is None.
 
     `answer` (or, when absent, `solution`) is the dataset column of gold answers, bare or as full solutions.
     Strict extraction: an unmarked answer scores 0.0 (rewarding the last number in the text rewards guessing).
+    The checks run on all the workers of the math verifier pool at once; each gets `timeout` seconds (a check
+    that runs longer scores 0.0).
     """
     golds = _gold_answers(answer, kwargs, len(completions))
-    return [
-        None if gold is None else float(verify(str(gold), completion_text(completion), strict=True))
-        for gold, completion in zip(golds, completions, strict=True)
-    ]
+    scored = [i for i, gold in enumerate(golds) if gold is not None]
+    verdicts = verify_many(
+        [str(golds[i]) for i in scored], [completion_text(completions[i]) for i in scored], timeout=timeout
+    )
+    values: list[float | None] = [None] * len(completions)
+    for i, verdict in zip(scored, verdicts, strict=True):
+        values[i] = float(verdict)
+    return values
 
 
 def _format_ok(text: str) -> bool:

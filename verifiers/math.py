@@ -3,8 +3,9 @@
 A first, dependency-light version (stdlib + sympy). Equivalence is decided in this order, cheapest first:
 normalised string equality; exact rational equality when both sides are plain numbers (integers, decimals,
 `a/b`, `\\frac{a}{b}`; `fractions.Fraction`, so 0.3333 != 1/3); sympy `simplify(a - b) == 0` for short
-expressions of single-letter symbols, `sqrt` and `pi`. The sympy step runs in a forked child process that
-is killed after `timeout` seconds, so a hostile expression cannot hang the caller (see VERIFIERS.md).
+expressions of single-letter symbols, `sqrt` and `pi`. `verify`/`verify_many` run the whole check in a pool of
+worker processes (`verifiers/pool.py`) whose worker is SIGKILLed and replaced after `timeout` seconds, so a
+hostile response cannot hang, crash or bloat the caller (see VERIFIERS.md).
 Structured answers are compared part by part with the same rules: sets, `\\{...\\}` and bare comma lists
 without order; intervals and tuples in order, with the bracket types required to match; unions of intervals
 without order; `pmatrix`/`bmatrix` matrices cell by cell. Equations: `x = 3` equals `3` (a single-letter
@@ -16,17 +17,18 @@ Not handled yet: base-n numbers beyond string equality, float tolerance, multi-l
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import atexit
+import math
 import os
 import re
-import select
-import signal
+import threading
 import time
 from fractions import Fraction
 
 import sympy
 from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rationalize, standard_transformations
+
+from posttrain.verifiers.pool import CallResult, WorkerPool
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -172,39 +174,9 @@ def _sympy_equal(gold_source: str, pred_source: str, proportional: bool = False)
         return False
 
 
-@functools.cache
-def _warm_up_sympy() -> None:
-    """sympy imports much of itself lazily on first simplify (~0.5 s): do that once here, not in every fork."""
+def warm_up() -> None:
+    """sympy imports much of itself lazily on first simplify (~0.5 s): each pool worker does that once at start."""
     _sympy_equal("sqrt(2)*x + pi", "(x + 1)**2 + 1.5")
-
-
-def _sympy_equal_with_timeout(gold_source: str, pred_source: str, timeout: float, proportional: bool = False) -> bool:
-    """Run `_sympy_equal` in a forked child that is SIGKILLed after `timeout` s.
-
-    A bare os.fork rather than multiprocessing: it works from any thread and inside daemonic worker processes
-    (multiprocessing refuses to start children there). The child only computes and writes one byte.
-    """
-    if not hasattr(os, "fork"):  # no fork on this platform: only the guards in `_to_sympy_source` protect us
-        return _sympy_equal(gold_source, pred_source, proportional)
-    _warm_up_sympy()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into the caller's code
-        try:
-            os.close(read_fd)
-            os.write(write_fd, b"1" if _sympy_equal(gold_source, pred_source, proportional) else b"0")
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], timeout)
-        return bool(ready) and os.read(read_fd, 1) == b"1"
-    finally:
-        os.close(read_fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
 
 
 _MAX_PARTS = 16
@@ -265,10 +237,6 @@ def _structure(s: str) -> tuple | None:
     return None
 
 
-def _time_left(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
-
-
 def _parts_equal(gold: list[str], pred: list[str], ordered: bool, deadline: float) -> bool:
     if len(gold) != len(pred) or len(gold) > _MAX_PARTS or not all(gold) or not all(pred):
         return False
@@ -290,7 +258,7 @@ def _scalar_equal(gold: str, pred: str, deadline: float) -> bool:
     gold_source, pred_source = _to_sympy_source(gold), _to_sympy_source(pred)
     if gold_source is None or pred_source is None:
         return False
-    return _sympy_equal_with_timeout(gold_source, pred_source, _time_left(deadline))
+    return _sympy_equal(gold_source, pred_source)
 
 
 def _letter_equation(s: str) -> tuple[str, str] | None:
@@ -343,12 +311,15 @@ def _equal(gold: str, pred: str, deadline: float) -> bool:
         gold_source, pred_source = f"({sources[0]})-({sources[1]})", f"({sources[2]})-({sources[3]})"
         if len(gold_source) >= _MAX_SYMPY_CHARS or len(pred_source) >= _MAX_SYMPY_CHARS:
             return False
-        return _sympy_equal_with_timeout(gold_source, pred_source, _time_left(deadline), proportional=True)
+        return _sympy_equal(gold_source, pred_source, proportional=True)
     return _scalar_equal(gold, pred, deadline)
 
 
 def answers_equal(gold: str, pred: str, timeout: float = 5.0) -> bool:
-    """Whether two already-extracted answers are equivalent (see the module docstring for the rules)."""
+    """Whether two already-extracted answers are equivalent (see the module docstring for the rules).
+
+    Runs in this process: use it only on trusted input (a hostile answer can make sympy run for a long time).
+    """
     gold, pred = normalise(gold), normalise(pred)
     if not gold or not pred:
         return False
@@ -357,17 +328,58 @@ def answers_equal(gold: str, pred: str, timeout: float = 5.0) -> bool:
     return _equal(gold, pred, time.monotonic() + timeout)  # one time budget for all the parts of an answer
 
 
-def verify(gold: str, response: str, strict: bool = True, timeout: float = 5.0) -> bool:
-    """Whether `response` states an answer equivalent to `gold`. Never raises; False on any failure.
-
-    `gold` may be a bare answer or a full worked solution (its marked answer is used). `strict=True` requires
-    an answer marker in `response`. `timeout` (seconds) bounds the sympy step.
-    """
+def verify_here(gold: str, response: str, strict: bool = True) -> bool:
+    """`verify` computed in this process, with no timeout: what the pool's workers run. Never raises."""
     try:
         gold_answer = extract_answer(gold, strict=True) or gold.strip()
         pred_answer = extract_answer(response, strict=strict)
         if pred_answer is None:
             return False
-        return answers_equal(gold_answer, pred_answer, timeout)
+        return answers_equal(gold_answer, pred_answer, timeout=math.inf)
     except Exception:
         return False
+
+
+_POOL: WorkerPool | None = None
+_POOL_PID = 0
+_POOL_LOCK = threading.Lock()
+
+
+def math_pool(workers: int | None = None) -> WorkerPool:
+    """This process's pool of math-check workers, started on first use (a forked child gets its own).
+
+    `workers`: pool size when it is created (default: the cores, at most 4; env `POSTTRAIN_MATH_WORKERS`).
+    """
+    global _POOL, _POOL_PID
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_PID != os.getpid():
+            size = workers or int(os.environ.get("POSTTRAIN_MATH_WORKERS", 0)) or min(4, os.cpu_count() or 1)
+            _POOL = WorkerPool(f"{__name__}:verify_here", workers=size, setup=f"{__name__}:warm_up")
+            _POOL_PID = os.getpid()
+            atexit.register(_POOL.close)
+        return _POOL
+
+
+def verify(gold: str, response: str, strict: bool = True, timeout: float = 5.0) -> bool:
+    """Whether `response` states an answer equivalent to `gold`. Never raises; False on any failure.
+
+    `gold` may be a bare answer or a full worked solution (its marked answer is used). `strict=True` requires
+    an answer marker in `response`. The check runs in a worker process of `math_pool()` that is killed (and
+    replaced) when it runs past `timeout` seconds, so hostile input cannot hang or bloat the caller; this call
+    waits at most `timeout` for a free worker too. Safe from any thread, process or Ray actor.
+    """
+    return _passed(math_pool().call(gold, response, strict, timeout=timeout))
+
+
+def verify_many(golds: list[str], responses: list[str], strict: bool = True, timeout: float = 5.0) -> list[bool]:
+    """`verify` for many pairs at once, spread over all the pool's workers; `timeout` applies to each check."""
+    if len(golds) != len(responses):
+        raise ValueError(f"verify_many got {len(golds)} golds for {len(responses)} responses")
+    results = math_pool().map(
+        [((gold, response, strict), {}) for gold, response in zip(golds, responses, strict=True)], timeout
+    )
+    return [_passed(result) for result in results]
+
+
+def _passed(result: CallResult) -> bool:
+    return result.status == "ok" and result.value is True
