@@ -49,6 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def evaluate_recipe(cfg: RecipeConfig) -> dict:
     """Evaluate `cfg.model` on `cfg.eval.data` in this process (no Ray needed) with the recipe's rewards."""
+    from posttrain.rewards.workers import LocalScorer
     from posttrain.rl import components
     from posttrain.rl.evaluation import eval_params, score_eval
     from posttrain.rollout.hf_engine import HFEngine
@@ -68,7 +69,7 @@ def evaluate_recipe(cfg: RecipeConfig) -> dict:
     start = time.perf_counter()
     results = engine.generate(fmt(rows), params)
     metrics, records = score_eval(
-        rows, results, specs, components.accuracy_reward_name(cfg), cfg.algorithm.on_reward_error
+        rows, results, LocalScorer(specs), components.accuracy_reward_name(cfg), cfg.algorithm.on_reward_error
     )
     metrics["time/eval"] = time.perf_counter() - start
     return {

@@ -110,6 +110,13 @@ class RewardConfig(_Section):
     """name in the logs (default: the function's name)"""
 
 
+class ScoringConfig(_Section):
+    workers: int = Field(1, ge=0)
+    """reward worker actors scoring shards of each batch in parallel (0 = in the driver, without timeouts)"""
+    timeout: float = Field(60.0, gt=0)
+    """seconds one sample may take to score; a sample past it fails like a raising reward (algorithm.on_reward_error)"""
+
+
 class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
     """inference engine of the rollout workers"""
@@ -223,6 +230,7 @@ class RecipeConfig(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
     logging: LoggingConfig = LoggingConfig()
     resume: str | None = None
@@ -381,7 +389,16 @@ def load_config(recipe: str | Path, overrides: list[str] = ()) -> RecipeConfig:
         raise ConfigError(f"{path}: {err}") from None
 
 
-RESUMABLE_CHANGES = ("resume", "train.steps", "logging.", "checkpoint.", "ray.", "eval.every_steps", "output_dir")
+RESUMABLE_CHANGES = (
+    "resume",
+    "train.steps",
+    "logging.",
+    "checkpoint.",
+    "ray.",
+    "scoring.workers",
+    "eval.every_steps",
+    "output_dir",
+)
 """keys a resumed run may change; any other difference would make the continued run a different experiment"""
 
 

@@ -157,6 +157,86 @@ def trl_completion(prompt: Any, text: str) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
+@dataclass
+class PartialScores:
+    """Each function's values on a batch and the failures pinned to samples, before combining: what a reward
+    worker sends back (plain data, so it crosses process boundaries) and `finish_scores` turns into scores."""
+
+    per_function: dict[str, list[float | None]]
+    """name -> [B] values, None where not applicable or failed"""
+    failures: list[tuple[str | None, int, str]] = field(default_factory=list)
+    """(function name or None, sample index, what went wrong)"""
+    causes: list[BaseException | None] = field(default_factory=list)
+    """the exception behind each failure, where there is one (in this process only: not sent between processes)"""
+
+
+def score_partial(
+    specs: list[RewardSpec],
+    prompts: list,
+    completions: list,
+    columns: dict[str, list],
+    completion_ids: list[list[int]] | None = None,
+) -> PartialScores:
+    """Call every reward function on the batch; collect values and per-sample failures, raise nothing that can
+    be pinned to a sample (see `score_samples`)."""
+    if not specs:
+        raise ValueError("score_samples needs at least one reward function")
+    batch_size = len(completions)
+    kwargs: dict[str, Any] = {"prompts": prompts, "completions": completions, **columns}
+    if completion_ids is not None:
+        kwargs["completion_ids"] = completion_ids
+    for key, column in kwargs.items():
+        if len(column) != batch_size:
+            raise ValueError(f"{key!r} has {len(column)} entries for {batch_size} completions")
+    if len({spec.name for spec in specs}) != len(specs):
+        raise ValueError(f"reward function names must be unique, got {[spec.name for spec in specs]}")
+
+    partial = PartialScores({})
+    for spec, output in zip(specs, _call_all([(spec.fn, kwargs) for spec in specs]), strict=True):
+        if isinstance(output, BaseException):
+            values, spec_failures = _values_one_at_a_time(spec, kwargs, output, batch_size)
+        else:
+            values, spec_failures = _check_values(spec.name, output, batch_size)
+        partial.per_function[spec.name] = values
+        partial.failures += [(spec.name, failure.index, failure.message) for failure in spec_failures]
+        partial.causes += [failure.cause for failure in spec_failures]
+    return partial
+
+
+def finish_scores(
+    specs: list[RewardSpec],
+    partial: PartialScores,
+    prompts: list,
+    completions: list,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> RewardScores:
+    """Apply the failure rules of `score_samples` to a batch's partial scores and combine them with the weights."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    batch_size = len(completions)
+    per_function = {name: list(values) for name, values in partial.per_function.items()}
+    causes = list(partial.causes) + [None] * (len(partial.failures) - len(partial.causes))
+    failures = [(*failure, cause) for failure, cause in zip(partial.failures, causes, strict=True)]
+    for spec in specs:  # failing on every sample is a bug in the function, never a reason to skip
+        indices = [index for name, index, _, _ in failures if name == spec.name]
+        if batch_size > 1 and len(set(indices)) == batch_size:
+            _, index, what, cause = next(f for f in failures if f[0] == spec.name)
+            what = f"{what} (and on all {batch_size} samples of the batch)"
+            raise RewardError(_sample_message(spec.name, index, what, prompts, completions)) from cause
+    for index in range(batch_size):
+        if all(values[index] is None for values in per_function.values()):
+            if not any(failed == index for _, failed, _, _ in failures):
+                failures.append((None, index, f"all of {list(per_function)} returned None", None))
+
+    errors_by_index: dict[int, str] = {}
+    for name, index, what, cause in failures:
+        message = _sample_message(name, index, what, prompts, completions)
+        if on_error == "raise":
+            raise RewardError(message) from cause
+        errors_by_index.setdefault(index, message)
+    return _combine(specs, per_function, errors_by_index, batch_size)
+
+
 def score_samples(
     specs: list[RewardSpec],
     prompts: list,
@@ -173,47 +253,13 @@ def score_samples(
     samples a failure is pinned to get a NaN total and are listed in `skipped`/`errors`. A wrong-length or
     non-list output, and a function failing on every sample of a batch (B > 1), are bugs and raise in both
     modes. Functions that raise on the whole batch are called again one sample at a time to find the culprit,
-    so they must tolerate being called twice.
+    so they must tolerate being called twice. Runs in this process; `rewards.workers.RewardPool` runs the same
+    in Ray actors with timeouts.
     """
-    if not specs:
-        raise ValueError("score_samples needs at least one reward function")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    batch_size = len(completions)
-    kwargs: dict[str, Any] = {"prompts": prompts, "completions": completions, **columns}
-    if completion_ids is not None:
-        kwargs["completion_ids"] = completion_ids
-    for key, column in kwargs.items():
-        if len(column) != batch_size:
-            raise ValueError(f"{key!r} has {len(column)} entries for {batch_size} completions")
-    if len({spec.name for spec in specs}) != len(specs):
-        raise ValueError(f"reward function names must be unique, got {[spec.name for spec in specs]}")
-
-    per_function: dict[str, list[float | None]] = {}
-    failures: list[tuple[str | None, _Failure]] = []  # (function name, or None when no function scored it)
-    for spec, output in zip(specs, _call_all([(spec.fn, kwargs) for spec in specs]), strict=True):
-        if isinstance(output, BaseException):
-            values, spec_failures = _values_one_at_a_time(spec, kwargs, output, batch_size)
-        else:
-            values, spec_failures = _check_values(spec.name, output, batch_size)
-        if batch_size > 1 and len({failure.index for failure in spec_failures}) == batch_size:
-            first = spec_failures[0]  # failing on every sample is a bug in the function, never a reason to skip
-            what = f"{first.message} (and on all {batch_size} samples of the batch)"
-            raise RewardError(_sample_message(spec.name, first.index, what, prompts, completions)) from first.cause
-        per_function[spec.name] = values
-        failures += [(spec.name, failure) for failure in spec_failures]
-    for index in range(batch_size):
-        if all(values[index] is None for values in per_function.values()):
-            if not any(failure.index == index for _, failure in failures):
-                failures.append((None, _Failure(f"all of {list(per_function)} returned None", index)))
-
-    errors_by_index: dict[int, str] = {}
-    for name, failure in failures:
-        message = _sample_message(name, failure.index, failure.message, prompts, completions)
-        if on_error == "raise":
-            raise RewardError(message) from failure.cause
-        errors_by_index.setdefault(failure.index, message)
-    return _combine(specs, per_function, errors_by_index, batch_size)
+    partial = score_partial(specs, prompts, completions, columns, completion_ids)
+    return finish_scores(specs, partial, prompts, completions, on_error)
 
 
 def _combine(

@@ -6,9 +6,11 @@ Three forms, no registry: `path/to/file.py:name` (a user's file, e.g. one writte
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from posttrain.rewards.builtin import BUILTIN_REWARDS
+from posttrain.rewards.combine import RewardSpec
 
 _FILE_MODULE_PREFIX = "posttrain_user_rewards_"
 
@@ -101,3 +104,38 @@ def load_reward_function(spec: str, base_dir: str | os.PathLike[str] | None = No
     if not callable(found):
         raise RewardLoadError(f"reward spec {spec!r}: {name!r} is a {type(found).__name__}, not a function")
     return found
+
+
+def build_reward_specs(entries: list[dict[str, Any]], names: list[str], base_dir: str = ".") -> list[RewardSpec]:
+    """Recipe `rewards:` entries (`fn`, `weight`, `args`) -> specs, each function loaded and its `args` bound and
+    checked; a bad entry raises `RewardLoadError` naming `rewards[i]`."""
+    specs = []
+    for i, (entry, name) in enumerate(zip(entries, names, strict=True)):
+        try:
+            fn = load_reward_function(entry["fn"], base_dir=base_dir)
+        except Exception as err:
+            raise RewardLoadError(f"rewards[{i}].fn = {entry['fn']!r}: {err}") from None
+        fn = _bind_args(fn, entry.get("args") or {}, f"rewards[{i}] ({entry['fn']})")
+        specs.append(RewardSpec(fn=fn, name=name, weight=entry.get("weight", 1.0)))
+    return specs
+
+
+def _bind_args(fn, args: dict, where: str):
+    """`functools.partial(fn, **args)` (or `fn` itself without args), refusing arguments the function cannot take
+    and missing required keyword-only ones, so a wrong `args:` fails before any work rather than mid-run."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return functools.partial(fn, **args) if args else fn
+    params = signature.parameters.values()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    unknown = [k for k in args if k not in signature.parameters and not takes_any]
+    missing = [
+        p.name
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty and p.name not in args
+    ]
+    if unknown or missing:
+        problem = f"takes no argument {unknown}" if unknown else f"needs {missing}"
+        raise RewardLoadError(f"{where}.args: {fn.__name__} {problem}; its parameters: {list(signature.parameters)}")
+    return functools.partial(fn, **args) if args else fn

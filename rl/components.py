@@ -5,8 +5,6 @@ Kept apart from the training loop so that `posttrain train` and `posttrain eval`
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 from typing import Any
 
@@ -17,7 +15,8 @@ from posttrain.data.sources import load_rows
 from posttrain.models.loading import format_prompt, load_tokenizer, resolve_model_path
 from posttrain.models.lora import LoraSettings
 from posttrain.rewards.combine import RewardSpec
-from posttrain.rewards.loading import RewardLoadError, load_reward_function
+from posttrain.rewards.loading import build_reward_specs
+from posttrain.rewards.workers import LocalScorer, RewardPool, Scorer
 from posttrain.rl.learner import Learner, LearnerSettings
 from posttrain.rollout.pool import RolloutPool
 from posttrain.rollout.worker import RolloutWorker
@@ -36,36 +35,15 @@ def init_ray(cfg: RecipeConfig) -> None:
 
 def load_reward_specs(cfg: RecipeConfig, base_dir: str = ".") -> list[RewardSpec]:
     """Resolve every `rewards[i].fn` before any work starts (a bad path fails here, naming the entry)."""
-    specs = []
-    for i, (entry, name) in enumerate(zip(cfg.rewards, cfg.reward_names(), strict=True)):
-        try:
-            fn = load_reward_function(entry.fn, base_dir=base_dir)
-        except Exception as err:
-            raise RewardLoadError(f"rewards[{i}].fn = {entry.fn!r}: {err}") from None
-        fn = _bind_args(fn, entry.args, f"rewards[{i}] ({entry.fn})")
-        specs.append(RewardSpec(fn=fn, name=name, weight=entry.weight))
-    return specs
+    return build_reward_specs([entry.model_dump() for entry in cfg.rewards], cfg.reward_names(), base_dir)
 
 
-def _bind_args(fn, args: dict, where: str):
-    """`functools.partial(fn, **args)` (or `fn` itself without args), refusing arguments the function cannot take
-    and missing required keyword-only ones, so a wrong `args:` fails before any work rather than mid-run."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return functools.partial(fn, **args) if args else fn
-    params = signature.parameters.values()
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    unknown = [k for k in args if k not in signature.parameters and not takes_any]
-    missing = [
-        p.name
-        for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty and p.name not in args
-    ]
-    if unknown or missing:
-        problem = f"takes no argument {unknown}" if unknown else f"needs {missing}"
-        raise RewardLoadError(f"{where}.args: {fn.__name__} {problem}; its parameters: {list(signature.parameters)}")
-    return functools.partial(fn, **args) if args else fn
+def start_scorer(cfg: RecipeConfig, specs: list[RewardSpec]) -> Scorer:
+    """The reward scorer of a run: `scoring.workers` Ray actors, or this process when it is 0."""
+    if cfg.scoring.workers == 0:
+        return LocalScorer(specs)
+    entries = [entry.model_dump() for entry in cfg.rewards]
+    return RewardPool(entries, specs, workers=cfg.scoring.workers, timeout=cfg.scoring.timeout)
 
 
 def accuracy_reward_name(cfg: RecipeConfig) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from posttrain.rewards.combine import RewardSpec, score_samples, trl_completion
+from posttrain.rewards.combine import trl_completion
+from posttrain.rewards.workers import Scorer
 from posttrain.rollout.types import PromptResult, SamplingParams
 
 
@@ -19,7 +20,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def score_eval(
     rows: list[dict[str, Any]],
     results: list[PromptResult],
-    specs: list[RewardSpec],
+    scorer: Scorer,
     accuracy_name: str,
     on_error: str = "raise",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -37,7 +38,14 @@ def score_eval(
             ids.append(c.token_ids)
             for key in other_keys:
                 columns.setdefault(key, []).append(row.get(key))
-    scores = score_samples(specs, prompts, completions, columns, completion_ids=ids, on_error=on_error)
+    scores = scorer.score(
+        prompts,
+        completions,
+        columns,
+        completion_ids=ids,
+        on_error=on_error,
+        group_size=len(results[0].completions) if results else 1,
+    )
     acc_values = scores.per_function[accuracy_name]
     correct = [v is not None and v >= 1.0 for v in acc_values]
     n = len(results[0].completions) if results else 1

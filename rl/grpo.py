@@ -19,7 +19,8 @@ from tqdm import tqdm
 from posttrain.config import RecipeConfig, check_resumable, dump_config
 from posttrain.data.sources import batch_indices
 from posttrain.data.types import Sample
-from posttrain.rewards.combine import RewardSpec, reward_metrics, score_samples, trl_completion
+from posttrain.rewards.combine import RewardScores, reward_metrics, trl_completion
+from posttrain.rewards.workers import Scorer
 from posttrain.rl import components
 from posttrain.rl.advantages import group_relative_advantages, zero_variance_group_fraction
 from posttrain.rl.batch import collate
@@ -58,18 +59,18 @@ def to_samples(rows: list[dict[str, Any]], results: list[PromptResult]) -> list[
     return samples
 
 
-def score(samples: list[Sample], specs: list[RewardSpec], on_error: str):
+def score(samples: list[Sample], scorer: Scorer, on_error: str, group_size: int = 1) -> RewardScores:
     """Run every reward function on the samples, TRL style (dataset columns as keyword lists)."""
     columns: dict[str, list] = {}
     for key in sorted({k for s in samples for k in s.columns}):
         columns[key] = [s.columns.get(key) for s in samples]
-    return score_samples(
-        specs,
+    return scorer.score(
         [s.prompt for s in samples],
         [trl_completion(s.prompt, s.completion) for s in samples],
         columns,
         completion_ids=[s.completion_token_ids for s in samples],
         on_error=on_error,
+        group_size=group_size,
     )
 
 
@@ -85,6 +86,7 @@ class GRPOTrainer:
         self.accuracy_name = components.accuracy_reward_name(cfg)
         self.run_dir, self.start_step, resume_ckpt = self._open_run_dir()
         components.init_ray(cfg)
+        self.scorer = components.start_scorer(cfg, self.specs)
         self.pool: RolloutPool = components.start_rollout_pool(cfg, self.model_path)
         self.learner = components.start_learner(cfg, self.model_path)
         if resume_ckpt is not None:
@@ -129,7 +131,7 @@ class GRPOTrainer:
 
     def score_samples(self, samples: list[Sample]):
         """Every reward function on the samples (the one place training scores rewards)."""
-        return score(samples, self.specs, self.cfg.algorithm.on_reward_error)
+        return score(samples, self.scorer, self.cfg.algorithm.on_reward_error, self.cfg.algorithm.samples_per_prompt)
 
     def _sync_weights(self) -> float:
         weights_ref = self.learner.get_weights.remote()
@@ -143,7 +145,7 @@ class GRPOTrainer:
         params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, self.cfg.seed + step)
         results = self.pool.generate(self.format(self.eval_rows), params)
         metrics, _ = score_eval(
-            self.eval_rows, results, self.specs, self.accuracy_name, self.cfg.algorithm.on_reward_error
+            self.eval_rows, results, self.scorer, self.accuracy_name, self.cfg.algorithm.on_reward_error
         )
         metrics["time/eval"] = time.perf_counter() - start
         return metrics
@@ -232,6 +234,7 @@ class GRPOTrainer:
 
     def finish(self) -> Path:
         ray.get(self.learner.save_final.remote(str(self.run_dir / "final")))
+        self.scorer.close()
         self.logger.close()
         rows = read_metrics(self.run_dir)
         plot_curves(rows, self.run_dir / "curves.png")
