@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from posttrain.config import ConfigError, RecipeConfig, load_config
+from posttrain.config import OFFLINE_ALGORITHMS, ConfigError, RecipeConfig, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
@@ -25,6 +25,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
+    if cfg.algorithm.name in OFFLINE_ALGORITHMS:  # a dataset in, no rollouts: runs here, without Ray
+        from posttrain.offline.trainer import run_offline
+
+        run_offline(cfg)
+        return 0
     from posttrain.rl.grpo import run_grpo
 
     run_grpo(cfg)

@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+OFFLINE_ALGORITHMS = ("sft", "dpo", "orpo", "reward_model")
+"""algorithms that train on a dataset in the CLI process (no rollouts, no Ray)"""
+
 
 class ConfigError(ValueError):
     """A recipe or override is wrong; the message names the key and what is allowed."""
@@ -138,8 +141,8 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["grpo"] = "grpo"
-    """the online algorithm"""
+    name: Literal["grpo", "sft", "dpo", "orpo", "reward_model"] = "grpo"
+    """the algorithm: online (grpo) or offline on a dataset (sft, dpo, orpo, reward_model; see OFFLINE_ALGORITHMS)"""
     prompts_per_step: int = Field(8, ge=1)
     """distinct prompts per optimizer step"""
     samples_per_prompt: int = Field(4, ge=1)
@@ -175,6 +178,39 @@ class TrainConfig(_Section):
     """sequences per forward/backward (gradient accumulation covers the rest)"""
     num_threads: int | None = Field(None, ge=1)
     """torch threads of the learner (default: all of this machine's cores; Ray alone would give 1)"""
+    epochs: float | None = Field(None, gt=0)
+    """offline algorithms: passes over the dataset; when set, `steps` = ceil(epochs * rows / batch_size)"""
+    batch_size: int = Field(8, ge=1)
+    """offline algorithms: rows (pairs, for preference data) per optimizer step"""
+    max_length: int = Field(1024, ge=2)
+    """offline algorithms: prompt + completion tokens kept (the end is cut; rows left with no completion are dropped)"""
+
+
+class PreferenceConfig(_Section):
+    beta: float = Field(0.1, gt=0)
+    """DPO's beta (IPO's tau): strength of the pull towards the reference"""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """DPO variant (ALGORITHMS.md): sigmoid = DPO, ipo, hinge (SLiC), robust (label noise `label_smoothing`)"""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """robust DPO's assumed label-flip rate eps (loss_type=robust only)"""
+    precompute_reference: bool = False
+    """DPO: compute the reference log-probs once before training (with the untrained policy), hold no reference model"""
+    orpo_lambda: float = Field(0.1, ge=0)
+    """ORPO's lambda: weight of the odds-ratio term next to the chosen NLL"""
+
+
+class SFTConfig(_Section):
+    completion_only: bool = True
+    """loss on completion tokens only (assistant turns for `messages` rows); False: on every token"""
+    packing: bool = False
+    """pack several rows into one sequence (not available yet)"""
+
+
+class RewardModelConfig(_Section):
+    margin_column: str | None = None
+    """a numeric column of the preference data: the Bradley-Terry margin of each pair (Llama 2); none = 0"""
+    center_coef: float = Field(0.0, ge=0)
+    """weight of the centering term c (r_c + r_r)^2 that keeps scores near 0"""
 
 
 class EvalConfig(_Section):
@@ -223,9 +259,13 @@ class RecipeConfig(_Section):
     model: ModelConfig
     data: DataSource
     """training prompts"""
-    rewards: list[RewardConfig] = Field(min_length=1)
-    """reward functions, summed with their weights"""
+    rewards: list[RewardConfig] = []
+    """reward functions, summed with their weights (online algorithms need at least one)"""
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    preference: PreferenceConfig = PreferenceConfig()
+    """dpo / orpo knobs"""
+    sft: SFTConfig = SFTConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -257,6 +297,28 @@ class RecipeConfig(_Section):
             raise ValueError(f"rewards: two rewards share a log name ({names}); set `name:` on one of them")
         if self.eval.accuracy_reward is not None and self.eval.accuracy_reward not in names:
             raise ValueError(f"eval.accuracy_reward: `{self.eval.accuracy_reward}` is not a reward; allowed: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_offline(self) -> RecipeConfig:
+        name = self.algorithm.name
+        if name not in OFFLINE_ALGORITHMS:
+            if not self.rewards:
+                raise ValueError(f"rewards: algorithm.name={name} needs at least one reward function")
+            return self
+        if self.data.kind not in ("file", "hub"):
+            raise ValueError(f"data.kind: {name} trains on a dataset; allowed: file, hub (got {self.data.kind})")
+        if self.eval.data is not None:
+            raise ValueError(f"eval.data: held-out evaluation is not available for {name} yet; remove it")
+        pref = self.preference
+        if pref.label_smoothing > 0 and not (name == "dpo" and pref.loss_type == "robust"):
+            raise ValueError("preference.label_smoothing: only used by algorithm.name=dpo with loss_type=robust")
+        if pref.precompute_reference and name != "dpo":
+            raise ValueError(f"preference.precompute_reference: only dpo has a reference model (got {name})")
+        if self.sft.packing:
+            raise ValueError("sft.packing: not available yet; allowed: false")
+        if name == "reward_model" and self.model.lora is not None:
+            raise ValueError("model.lora: reward_model trains full weights only for now; set model.lora=null")
         return self
 
     def reward_names(self) -> list[str]:

@@ -60,9 +60,9 @@ def arithmetic_rows(src: ArithmeticSource) -> list[dict[str, Any]]:
     return rows
 
 
-def file_rows(src: FileSource) -> list[dict[str, Any]]:
-    """Read a JSONL file (one object per line) or a JSON list of objects; rename the prompt column to `prompt`."""
-    path = Path(src.path)
+def read_json_rows(path: str | Path) -> list[Any]:
+    """The rows of a JSONL file (one value per line; blank lines skipped) or of a `.json` file holding a list."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     text = path.read_text()
@@ -82,6 +82,13 @@ def file_rows(src: FileSource) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err})") from None
+    return rows
+
+
+def file_rows(src: FileSource) -> list[dict[str, Any]]:
+    """Read a JSONL file (one object per line) or a JSON list of objects; rename the prompt column to `prompt`."""
+    path = Path(src.path)
+    rows = read_json_rows(path)
     out = []
     for i, row in enumerate(rows[: src.limit] if src.limit else rows):
         if not isinstance(row, dict) or src.prompt_column not in row:

@@ -104,20 +104,27 @@ def format_prompt(
     Returns:
         the prompt text, starting with the BOS token if (and only if) the tokenizer adds one by default.
     """
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    messages = chat_messages(prompt, system_prompt)
     if use_chat_template and tokenizer.chat_template:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         text = "\n\n".join(message["content"] for message in messages)
-    bos = _default_bos(tokenizer)
+    bos = default_bos(tokenizer)
     if bos is not None and not text.startswith(bos):
         text = bos + text
     return text
 
 
-def _default_bos(tokenizer) -> str | None:
+def chat_messages(prompt: str | list[dict], system_prompt: str | None = None) -> list[dict]:
+    """A prompt as chat messages: a string becomes one user message; `system_prompt` is put first unless the
+    messages already start with a system message. Returns a new list (the input is not modified)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def default_bos(tokenizer) -> str | None:
     """The BOS token text if `tokenizer(text)` prepends it by default (Llama-2 style), else None (SmolLM2, Qwen)."""
     if tokenizer.bos_token_id is None:
         return None

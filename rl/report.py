@@ -19,15 +19,16 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_curves(rows: list[dict[str, Any]], out_png: Path) -> Path:
-    """A 2x2 PNG of reward (with eval accuracy), KL, entropy and response length against step."""
+def plot_curves(rows: list[dict[str, Any]], out_png: Path, curves: list[tuple[str, str]] = CURVES) -> Path:
+    """A 2x2 PNG of four `(metric, title)` curves against step: by default reward (with eval accuracy), KL, entropy
+    and response length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
+    for ax, (key, title) in zip(axes.flat, curves, strict=True):
         xs, ys = _series(rows, key)
         ax.plot(xs, ys, marker=".", label=key)
         if key == "reward/mean":
@@ -44,13 +45,16 @@ def plot_curves(rows: list[dict[str, Any]], out_png: Path) -> Path:
     return out_png
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table: first and last value of the main metrics, eval accuracy before/after, time spent."""
+SUMMARY_KEYS = ("reward/mean", "kl", "entropy", "response_length/mean", "zero_variance_groups", "grad_norm")
+
+
+def summary_table(rows: list[dict[str, Any]], keys: tuple[str, ...] | list[str] = SUMMARY_KEYS) -> str:
+    """A plain-text table: first and last value of the main metrics (`keys`), eval accuracy before/after, time spent."""
     train_rows = [r for r in rows if "loss" in r]
     if not train_rows:
         return "(no training steps)"
     lines = [f"{'metric':<28}{'first':>12}{'last':>12}"]
-    for key in ("reward/mean", "kl", "entropy", "response_length/mean", "zero_variance_groups", "grad_norm"):
+    for key in keys:
         _, ys = _series(train_rows, key)
         if ys:
             lines.append(f"{key:<28}{ys[0]:>12.4f}{ys[-1]:>12.4f}")

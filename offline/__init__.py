@@ -1,0 +1,1 @@
+"""Offline training on a dataset: SFT, DPO, ORPO and reward models (no rollouts, no Ray)."""
