@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 OFFLINE_ALGORITHMS = ("sft", "dpo", "orpo", "reward_model")
 """algorithms that train on a dataset in the CLI process (no rollouts, no Ray)"""
+ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft")
+"""algorithms that generate, score and learn every step (`rl/grpo.py`'s trainer, through Ray)"""
 
 
 class ConfigError(ValueError):
@@ -141,8 +143,11 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal["grpo", "sft", "dpo", "orpo", "reward_model"] = "grpo"
-    """the algorithm: online (grpo) or offline on a dataset (sft, dpo, orpo, reward_model; see OFFLINE_ALGORITHMS)"""
+    name: Literal[
+        "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "sft", "dpo", "orpo", "reward_model"
+    ] = "grpo"
+    """the algorithm: online (grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft; see ONLINE_ALGORITHMS) or offline
+    on a dataset (sft, dpo, orpo, reward_model; see OFFLINE_ALGORITHMS)"""
     prompts_per_step: int = Field(8, ge=1)
     """distinct prompts per optimizer step"""
     samples_per_prompt: int = Field(4, ge=1)
@@ -153,12 +158,57 @@ class AlgorithmConfig(_Section):
     """lower clip range of the ratio"""
     eps_high: float = Field(0.2, gt=0)
     """upper clip range of the ratio (> eps_low is DAPO's clip-higher)"""
+    dual_clip: float | None = Field(None, gt=1)
+    """dual-clip PPO: for A < 0 the per-token loss is capped at dual_clip * |A| (e.g. 3.0); none = off"""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """importance ratio per token (PPO/GRPO) or per sequence (GSPO; then use a small clip range, e.g. 3e-4/4e-4)"""
     kl_coef: float = Field(0.0, ge=0)
-    """weight of the k3 KL to the reference in the loss (0 = no reference forward pass)"""
+    """weight of the KL to the reference (0 = no KL; with full weights, no reference model either)"""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """where the KL goes: added to the loss (GRPO; with gradient) or subtracted from the reward (RLOO, REINFORCE++)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """per-token KL estimator (Schulman; ALGORITHMS.md): k1 = lp - lp_ref, k2, k3 (>= 0, low variance)"""
     loss_reduction: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """how per-token losses are reduced (see ALGORITHMS.md)"""
     on_reward_error: Literal["raise", "skip"] = "raise"
     """a reward function that fails on a sample stops the run, or drops that sample from the step"""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and generate more prompts to refill the batch"""
+    max_refill_rounds: int = Field(3, ge=0)
+    """dynamic sampling: at most this many extra generation rounds per step (then the step trains on what it has)"""
+    epochs_per_batch: int = Field(1, ge=1)
+    """passes over each rollout batch (more than one update per batch makes lp_old, and so the clip, matter)"""
+    mini_batches: int = Field(1, ge=1)
+    """optimizer steps per pass: the rollout batch is split into this many mini-batches"""
+    rft_keep: Literal["best", "all"] = "best"
+    """online RFT: per prompt, keep the best completion or every one that reaches rft_min_reward"""
+    rft_min_reward: float | None = 1.0
+    """online RFT: a kept completion needs reward >= this (1.0 = verified correct); none = keep the best regardless"""
+
+    @model_validator(mode="after")
+    def _check_online(self) -> AlgorithmConfig:
+        if self.name not in ONLINE_ALGORITHMS:
+            return self
+        group = self.samples_per_prompt
+        if self.name == "grpo" and group < 2 and self.advantage_std != "batch":
+            raise ValueError(
+                "algorithm.samples_per_prompt: group-relative advantages need >= 2 samples per prompt "
+                f"(got {group}); raise it or set algorithm.advantage_std=batch"
+            )
+        if self.name in ("rloo", "reinforce_pp_baseline") and group < 2:
+            raise ValueError(f"algorithm.samples_per_prompt: {self.name} needs >= 2 samples per prompt (got {group})")
+        if self.dynamic_sampling and (group < 2 or self.name == "rft"):
+            raise ValueError(
+                "algorithm.dynamic_sampling: needs >= 2 samples per prompt and a policy-gradient algorithm "
+                f"(got {group} with {self.name}; rft learns from groups that all pass too)"
+            )
+        if self.advantage_std != "group" and self.name != "grpo":
+            raise ValueError(f"algorithm.advantage_std: only grpo divides by a std (got {self.name}); leave it unset")
+        if self.name == "rft" and self.kl_in == "reward":
+            raise ValueError("algorithm.kl_in: rft has no reward in its loss; allowed: loss")
+        if self.rft_keep == "all" and self.rft_min_reward is None:
+            raise ValueError("algorithm.rft_min_reward: rft_keep=all needs a threshold (none would keep every sample)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -279,11 +329,6 @@ class RecipeConfig(_Section):
     @model_validator(mode="after")
     def _check_combinations(self) -> RecipeConfig:
         algo = self.algorithm
-        if algo.samples_per_prompt < 2 and algo.advantage_std != "batch":
-            raise ValueError(
-                "algorithm.samples_per_prompt: group-relative advantages need >= 2 samples per prompt "
-                f"(got {algo.samples_per_prompt}); raise it or set algorithm.advantage_std=batch"
-            )
         if algo.eps_high < algo.eps_low:
             raise ValueError(f"algorithm.eps_high ({algo.eps_high}) must be >= algorithm.eps_low ({algo.eps_low})")
         if self.train.warmup_steps > self.train.steps:

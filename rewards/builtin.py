@@ -1,5 +1,6 @@
 """Built-in reward functions, in TRL GRPOTrainer's interface. Named in recipes as `math_accuracy`, `format`,
-`code_tests` (defined in `rewards.code`), `overlong_penalty` and `length_penalty` (in `rewards.shaping`)."""
+`code_tests` (defined in `rewards.code`), `overlong_penalty` and `length_penalty` (in `rewards.shaping`) and
+`reward_model` (in `rewards.reward_model`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from typing import Any
 
 from posttrain.rewards.code import code_tests  # imports `completion_text` from here lazily: no import cycle
+from posttrain.rewards.reward_model import reward_model  # likewise
 from posttrain.rewards.shaping import length_penalty, overlong_penalty
 from posttrain.verifiers.math import boxed_contents, verify_many
 
@@ -104,5 +106,6 @@ BUILTIN_REWARDS = {
     "code_tests": code_tests,
     "overlong_penalty": overlong_penalty,
     "length_penalty": length_penalty,
+    "reward_model": reward_model,
 }
 """Names accepted by `load_reward_function` without a path."""

@@ -83,12 +83,21 @@ def zero_variance_group_fraction(rewards_BG: Tensor) -> float:
     _check_rewards(rewards_BG, "zero_variance_group_fraction")
     if rewards_BG.shape[0] == 0:
         return 0.0
+    return float((~informative_groups(rewards_BG)).float().mean())
+
+
+def informative_groups(rewards_BG: Tensor) -> Tensor:
+    """[num_prompts] bool: True for groups with at least two valid rewards that differ (they carry signal).
+
+    DAPO's dynamic sampling (2503.14476, eq. 11 constraint `0 < |correct| < G`) keeps exactly these groups; we
+    state it for any real-valued reward: not all valid rewards equal. NaN (skipped) rewards are ignored.
+    """
+    _check_rewards(rewards_BG, "informative_groups")
     valid_BG = ~torch.isnan(rewards_BG)
     inf = torch.tensor(float("inf"), dtype=rewards_BG.dtype, device=rewards_BG.device)
     high_B = torch.where(valid_BG, rewards_BG, -inf).amax(-1)
     low_B = torch.where(valid_BG, rewards_BG, inf).amin(-1)
-    no_spread_B = (high_B == low_B) | (valid_BG.sum(-1) < 2)
-    return float(no_spread_B.float().mean())
+    return (high_B != low_B) & (valid_BG.sum(-1) >= 2)
 
 
 # --------------------------------------------------------------------------------------------------- helpers

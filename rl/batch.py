@@ -29,6 +29,12 @@ class TrainBatch:
     completion_lengths_B: torch.Tensor
     max_completion_tokens: int
     """the rollout's max_new_tokens (the fixed normaliser of seq-mean-token-sum-norm)"""
+    token_advantages_BC: torch.Tensor | None = None
+    """per-token advantages (REINFORCE++); when set they replace `advantages_B`"""
+    old_logprobs_BC: torch.Tensor | None = None
+    """lp_old: the learner's log-probs before this rollout batch's first update (None: the learner computes them)"""
+    ref_logprobs_BC: torch.Tensor | None = None
+    """the reference model's log-probs (None: the learner computes them if it has a reference)"""
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
@@ -37,12 +43,21 @@ class TrainBatch:
     def prompt_width(self) -> int:
         return self.input_ids_BT.shape[1] - self.loss_mask_BC.shape[1]
 
+    @property
+    def advantages(self) -> torch.Tensor:
+        """[B, C] token advantages when the batch has them, else the [B] sequence advantages."""
+        return self.advantages_B if self.token_advantages_BC is None else self.token_advantages_BC
+
     def slice(self, start: int, stop: int) -> TrainBatch:
         """Rows [start, stop), trimmed to their own longest prompt and completion (padding columns dropped)."""
         P = self.prompt_width
         p = int(self.prompt_lengths_B[start:stop].max())
         c = max(1, int(self.completion_lengths_B[start:stop].max()))
         columns = slice(P - p, P + c)
+
+        def rows_bc(x_BC: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x_BC is None else x_BC[start:stop, :c]
+
         return TrainBatch(
             input_ids_BT=self.input_ids_BT[start:stop, columns],
             attention_mask_BT=self.attention_mask_BT[start:stop, columns],
@@ -52,6 +67,9 @@ class TrainBatch:
             prompt_lengths_B=self.prompt_lengths_B[start:stop],
             completion_lengths_B=self.completion_lengths_B[start:stop],
             max_completion_tokens=self.max_completion_tokens,
+            token_advantages_BC=rows_bc(self.token_advantages_BC),
+            old_logprobs_BC=rows_bc(self.old_logprobs_BC),
+            ref_logprobs_BC=rows_bc(self.ref_logprobs_BC),
         )
 
 

@@ -86,8 +86,11 @@ def start_rollout_pool(cfg: RecipeConfig, model_path: str) -> RolloutPool:
 
 
 def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
+    """The learner's settings for an online recipe. The LR schedule counts optimizer steps, so `train.steps` and
+    `train.warmup_steps` (in rollout batches) are scaled by the updates each rollout batch makes."""
     lora = cfg.model.lora
     algo, train = cfg.algorithm, cfg.train
+    updates = algo.epochs_per_batch * algo.mini_batches
     return LearnerSettings(
         model_path=model_path,
         dtype=cfg.model.dtype,
@@ -96,15 +99,22 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         betas=tuple(train.adam_betas),
         weight_decay=train.weight_decay,
         lr_schedule=train.lr_schedule,
-        warmup_steps=train.warmup_steps,
-        total_steps=train.steps,
+        warmup_steps=train.warmup_steps * updates,
+        total_steps=train.steps * updates,
         max_grad_norm=train.max_grad_norm,
         micro_batch_size=train.micro_batch_size,
         temperature=cfg.rollout.temperature,
+        loss="sft" if algo.name == "rft" else "policy",
         eps_low=algo.eps_low,
         eps_high=algo.eps_high,
-        kl_coef=algo.kl_coef,
+        dual_clip=algo.dual_clip,
+        ratio_level=algo.ratio_level,
+        kl_coef=algo.kl_coef if algo.kl_in == "loss" else 0.0,
+        kl_estimator=algo.kl_estimator,
+        reference=algo.kl_coef > 0,
         loss_reduction=algo.loss_reduction,
+        epochs_per_batch=algo.epochs_per_batch,
+        mini_batches=algo.mini_batches,
         seed=cfg.seed,
         num_threads=train.num_threads,
     )

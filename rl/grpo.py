@@ -1,14 +1,22 @@
-"""The online GRPO controller: prompts -> rollout workers -> rewards -> advantages -> learner -> weight sync.
+"""The online controller: prompts -> rollout workers -> rewards -> advantages -> learner -> weight sync.
 
-Group Relative Policy Optimization (Shao et al., DeepSeekMath, 2402.03300): sample G completions per prompt,
-score them, normalise each reward within its group, and take a clipped policy-gradient step. This module only
-wires components; the math lives in `rl/advantages.py`, `rl/losses/` and `rl/reduction.py`.
+One trainer runs every online `algorithm.name` except PPO:
+  - `grpo` (DeepSeekMath 2402.03300): G completions per prompt, rewards normalised within the group, clipped
+    policy-gradient step; with the config's variants (clip-higher, dual clip, GSPO ratio, reductions, std);
+  - `rloo` (2402.14740) and `reinforce_pp` / `reinforce_pp_baseline` (2501.03262): other advantages, same loss;
+  - `rft`: keep the best / verified completions per prompt and take an SFT step on them (`rl/rft.py`).
+Options shared by the policy-gradient ones: DAPO's dynamic sampling (drop zero-variance groups, generate more
+prompts to refill, at most `max_refill_rounds` extra rounds), several updates per rollout batch, and the KL to the
+reference in the loss or in the reward. This module only wires components; the math lives in `rl/advantages*.py`,
+`rl/algorithms.py`, `rl/rft.py`, `rl/losses/` and `rl/reduction.py`.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +30,13 @@ from posttrain.data.types import Sample
 from posttrain.rewards.combine import RewardScores, reward_metrics, trl_completion
 from posttrain.rewards.workers import Scorer
 from posttrain.rl import components
-from posttrain.rl.advantages import group_relative_advantages, zero_variance_group_fraction
-from posttrain.rl.batch import collate
+from posttrain.rl.advantages import informative_groups
+from posttrain.rl.algorithms import online_advantages
+from posttrain.rl.batch import TrainBatch, collate
 from posttrain.rl.evaluation import eval_params, score_eval
+from posttrain.rl.kl import kl_estimate
 from posttrain.rl.report import plot_curves, summary_table
+from posttrain.rl.rft import rft_keep_mask
 from posttrain.rl.run_dir import (
     RunLogger,
     checkpoint_staging,
@@ -74,7 +85,39 @@ def score(samples: list[Sample], scorer: Scorer, on_error: str, group_size: int 
     )
 
 
-class GRPOTrainer:
+def concat_scores(parts: list[RewardScores]) -> RewardScores:
+    """The scores of several scoring calls as one batch, in order (skipped indices shifted)."""
+    total, per_function, skipped, errors, offset = [], {}, [], [], 0
+    for part in parts:
+        total += part.total
+        for name, values in part.per_function.items():
+            per_function.setdefault(name, [None] * offset)
+            per_function[name] += values
+        skipped += [offset + i for i in part.skipped]
+        errors += part.errors
+        offset += len(part.total)
+    for values in per_function.values():
+        values += [None] * (offset - len(values))
+    return RewardScores(total, per_function, skipped, errors)
+
+
+@dataclass
+class StepRollout:
+    """What one step generated and kept: `rows[g]`'s completions are `samples[g*G:(g+1)*G]` (group_id g)."""
+
+    rows: list[dict[str, Any]]
+    samples: list[Sample]
+    totals: list[float]
+    """[len(samples)] total reward per kept sample (NaN = skipped)"""
+    generated: list[Sample]
+    """every sample the step generated, kept or not (for the metrics and samples.jsonl)"""
+    scores: RewardScores
+    """the scores of `generated`"""
+    first_index: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class OnlineTrainer:
     """Owns one run: its folder, actors and step loop. `run()` trains to `train.steps` and returns the folder."""
 
     def __init__(self, cfg: RecipeConfig):
@@ -117,8 +160,9 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------------ steps
 
-    def _sampling(self, step: int) -> SamplingParams:
+    def _sampling(self, step: int, round_: int = 0) -> SamplingParams:
         r = self.cfg.rollout
+        seed = self.cfg.seed * 100_003 + step
         return SamplingParams(
             n=self.cfg.algorithm.samples_per_prompt,
             temperature=r.temperature,
@@ -126,8 +170,13 @@ class GRPOTrainer:
             top_k=r.top_k,
             max_new_tokens=r.max_new_tokens,
             stop=tuple(r.stop),
-            seed=self.cfg.seed * 100_003 + step,
+            seed=seed if round_ == 0 else seed * 1_000 + round_,
         )
+
+    def _prompt_indices(self, step: int, round_: int) -> list[int]:
+        """Round 0 reads the run's resumable order; refill rounds read other seeded shuffles (also pure)."""
+        seed = self.cfg.seed if round_ == 0 else self.cfg.seed * 1_009 + 7_919 * round_
+        return batch_indices(len(self.train_rows), self.cfg.algorithm.prompts_per_step, step - 1, seed)
 
     def score_samples(self, samples: list[Sample]):
         """Every reward function on the samples (the one place training scores rewards)."""
@@ -150,41 +199,130 @@ class GRPOTrainer:
         metrics["time/eval"] = time.perf_counter() - start
         return metrics
 
+    def collect(self, step: int) -> StepRollout:
+        """Generate and score this step's groups; with dynamic sampling, keep only groups whose rewards differ and
+        generate more prompts until `prompts_per_step` are kept or `max_refill_rounds` extra rounds are spent."""
+        algo, G = self.cfg.algorithm, self.cfg.algorithm.samples_per_prompt
+        rounds = 1 + (algo.max_refill_rounds if algo.dynamic_sampling else 0)
+        rows, samples, totals, generated, scored, first_index = [], [], [], [], [], None
+        seconds = {"generate": 0.0, "reward": 0.0}
+        num_generated = zero_variance = 0
+        for round_ in range(rounds):
+            indices = self._prompt_indices(step, round_)
+            first_index = indices[0] if first_index is None else first_index
+            round_rows = [self.train_rows[i] for i in indices]
+            t0 = time.perf_counter()
+            results = self.pool.generate(self.format(round_rows), self._sampling(step, round_))
+            t1 = time.perf_counter()
+            round_samples = to_samples(round_rows, results)
+            scores = self.score_samples(round_samples)
+            seconds["generate"] += t1 - t0
+            seconds["reward"] += time.perf_counter() - t1
+            scored.append(scores)
+            generated += round_samples
+            rewards_BG = torch.tensor(scores.total, dtype=torch.float32).view(len(round_rows), G)
+            informative_B = informative_groups(rewards_BG)
+            num_generated += len(round_rows)
+            zero_variance += int((~informative_B).sum())
+            for g, row in enumerate(round_rows):
+                if (algo.dynamic_sampling and not informative_B[g]) or len(rows) == algo.prompts_per_step:
+                    continue
+                group = round_samples[g * G : (g + 1) * G]
+                samples += [replace(sample, group_id=len(rows)) for sample in group]
+                totals += scores.total[g * G : (g + 1) * G]
+                rows.append(row)
+            if len(rows) == algo.prompts_per_step:
+                break
+        metrics = {
+            "zero_variance_groups": zero_variance / num_generated,
+            "time/generate": seconds["generate"],
+            "time/reward": seconds["reward"],
+        }
+        if algo.dynamic_sampling:
+            metrics.update(
+                {
+                    "dynamic_sampling/extra_rounds": float(len(scored) - 1),
+                    "dynamic_sampling/generated_groups": float(num_generated),
+                    "dynamic_sampling/kept_groups": float(len(rows)),
+                }
+            )
+        return StepRollout(rows, samples, totals, generated, concat_scores(scored), first_index, metrics)
+
+    def policy_batch(self, rollout: StepRollout) -> tuple[TrainBatch, dict[str, float]]:
+        """The learner's batch for a policy-gradient algorithm: advantages (with the KL in the reward if so set)."""
+        algo, G = self.cfg.algorithm, self.cfg.algorithm.samples_per_prompt
+        placeholder = [0.0 if t == t else math.nan for t in rollout.totals]  # NaN masks a skipped sample
+        batch = collate(
+            rollout.samples, placeholder, self.format.tokenizer.pad_token_id, self.cfg.rollout.max_new_tokens
+        )
+        rewards_BG = torch.tensor(rollout.totals, dtype=torch.float32).view(len(rollout.rows), G)
+        kl_BC, metrics = None, {}
+        if algo.kl_in == "reward" and algo.kl_coef > 0:
+            # lp_old and lp_ref before the first update, once per rollout batch; the learner reuses them
+            old_BC, ref_BC = ray.get(self.learner.logprobs.remote(batch))
+            batch = replace(batch, old_logprobs_BC=old_BC, ref_logprobs_BC=ref_BC)
+            kl_BC = torch.where(batch.loss_mask_BC.bool(), kl_estimate(algo.kl_estimator, old_BC, ref_BC), 0.0)
+            penalty_B = algo.kl_coef * kl_BC.sum(-1)
+            trained_B = batch.loss_mask_BC.sum(-1) > 0
+            metrics["kl/reward_penalty"] = float(penalty_B[trained_B].mean()) if trained_B.any() else 0.0
+        adv = online_advantages(algo.name, rewards_BG, batch.loss_mask_BC, kl_BC, algo.kl_coef, algo.advantage_std)
+        if adv.sequence_B is not None:
+            batch = replace(batch, advantages_B=torch.where(batch.loss_mask_BC.sum(-1) > 0, adv.sequence_B, 0.0))
+        else:
+            batch = replace(batch, token_advantages_BC=adv.token_BC)
+        return batch, metrics
+
+    def rft_batch(self, rollout: StepRollout) -> tuple[TrainBatch | None, dict[str, float]]:
+        """Online RFT: the kept completions (best / verified per prompt) as an SFT batch; None if none is kept."""
+        algo, G = self.cfg.algorithm, self.cfg.algorithm.samples_per_prompt
+        rewards_BG = torch.tensor(rollout.totals, dtype=torch.float32).view(len(rollout.rows), G)
+        keep_BG = rft_keep_mask(rewards_BG, algo.rft_keep, algo.rft_min_reward)
+        kept = [
+            s for s, k in zip(rollout.samples, keep_BG.flatten().tolist(), strict=True) if k and s.completion_token_ids
+        ]
+        metrics = {
+            "rft/kept_samples": float(len(kept)),
+            "rft/kept_fraction": len(kept) / len(rollout.samples),
+            "rft/prompts_with_kept": float(keep_BG.any(-1).sum()),
+        }
+        if not kept:
+            return None, metrics
+        pad_id, max_tokens = self.format.tokenizer.pad_token_id, self.cfg.rollout.max_new_tokens
+        return collate(kept, [1.0] * len(kept), pad_id, max_tokens), metrics
+
     def train_step(self, step: int) -> tuple[dict[str, float], list[Sample], list[float]]:
-        """One GRPO step (1-based `step`); returns metrics, the samples and their total rewards."""
-        cfg, algo = self.cfg, self.cfg.algorithm
-        indices = batch_indices(len(self.train_rows), algo.prompts_per_step, step - 1, cfg.seed)
-        rows = [self.train_rows[i] for i in indices]
-        t0 = time.perf_counter()
-        results = self.pool.generate(self.format(rows), self._sampling(step))
-        t1 = time.perf_counter()
-        samples = to_samples(rows, results)
-        scores = self.score_samples(samples)
+        """One step (1-based `step`): generate, score, learn, sync; returns metrics, the samples and their rewards."""
+        rollout = self.collect(step)
         t2 = time.perf_counter()
-        rewards_BG = torch.tensor(scores.total, dtype=torch.float32).view(len(rows), algo.samples_per_prompt)
-        advantages = group_relative_advantages(rewards_BG, std=algo.advantage_std).flatten().tolist()
-        advantages = [a if t == t else float("nan") for a, t in zip(advantages, scores.total, strict=True)]
-        batch = collate(samples, advantages, self.format.tokenizer.pad_token_id, cfg.rollout.max_new_tokens)
-        train_metrics = ray.get(self.learner.train_step.remote(batch))
-        t3 = time.perf_counter()
-        sync_s = self._sync_weights()
+        if self.cfg.algorithm.name == "rft":
+            batch, batch_metrics = self.rft_batch(rollout)
+        elif rollout.rows:
+            batch, batch_metrics = self.policy_batch(rollout)
+        else:
+            batch, batch_metrics = None, {}
+        if batch is not None:
+            train_metrics = ray.get(self.learner.train_step.remote(batch))
+            t3 = time.perf_counter()
+            sync_s = self._sync_weights()
+        else:  # nothing to learn from (no group kept): no update, weights unchanged
+            train_metrics, t3, sync_s = {"loss": math.nan, "kl": math.nan, "updates": 0.0}, time.perf_counter(), 0.0
+        samples = rollout.generated
         lengths = [len(s.completion_token_ids) for s in samples]
         metrics = {
             **train_metrics,
-            **reward_metrics(scores),
-            "zero_variance_groups": zero_variance_group_fraction(rewards_BG),
-            "skipped_samples": len(scores.skipped),
+            **batch_metrics,
+            **rollout.metrics,
+            **reward_metrics(rollout.scores),
+            "skipped_samples": len(rollout.scores.skipped),
             "response_length/mean": sum(lengths) / len(lengths),
             "response_length/max": max(lengths),
             "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "data/first_index": indices[0],
-            "time/generate": t1 - t0,
-            "time/reward": t2 - t1,
+            "data/first_index": rollout.first_index,
             "time/train": t3 - t2,
             "time/sync": sync_s,
-            "tokens_per_second/generate": sum(lengths) / max(t1 - t0, 1e-9),
+            "tokens_per_second/generate": sum(lengths) / max(rollout.metrics["time/generate"], 1e-9),
         }
-        return metrics, samples, scores.total
+        return metrics, samples, rollout.scores.total
 
     def _checkpoint(self, step: int) -> None:
         staging = checkpoint_staging(self.run_dir, step)
@@ -202,7 +340,7 @@ class GRPOTrainer:
         bar = tqdm(
             total=total,
             initial=self.start_step,
-            desc="grpo",
+            desc=cfg.algorithm.name,
             disable=not cfg.logging.progress,
             dynamic_ncols=True,
             file=sys.stderr,
@@ -224,7 +362,7 @@ class GRPOTrainer:
             )
             if step % cfg.checkpoint.every_steps == 0 or step == total:
                 self._checkpoint(step)
-            postfix = {"reward": f"{metrics['reward/mean']:.3f}", "s/step": f"{metrics['time/step']:.1f}"}
+            postfix = {"reward": f"{metrics.get('reward/mean', math.nan):.3f}", "s/step": f"{metrics['time/step']:.1f}"}
             if "eval/accuracy" in metrics:
                 postfix["eval_acc"] = f"{metrics['eval/accuracy']:.3f}"
             bar.set_postfix(postfix)
@@ -243,6 +381,13 @@ class GRPOTrainer:
         return self.run_dir
 
 
-def run_grpo(cfg: RecipeConfig) -> Path:
-    """Train a GRPO recipe end to end; returns the run folder."""
-    return GRPOTrainer(cfg).run()
+GRPOTrainer = OnlineTrainer
+"""the name this trainer had when GRPO was its only algorithm"""
+
+
+def run_online(cfg: RecipeConfig) -> Path:
+    """Train an online recipe (any of `config.ONLINE_ALGORITHMS`) end to end; returns the run folder."""
+    return OnlineTrainer(cfg).run()
+
+
+run_grpo = run_online

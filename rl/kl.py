@@ -47,3 +47,20 @@ def kl_estimate(name: Literal["k1", "k2", "k3"], lp_BT: Tensor, lp_ref_BT: Tenso
     if name not in _ESTIMATORS:
         raise ValueError(f"unknown KL estimator {name!r}; allowed: {', '.join(_ESTIMATORS)}")
     return _ESTIMATORS[name](lp_BT, lp_ref_BT)
+
+
+def kl_penalized_rewards(rewards_B: Tensor, kl_BT: Tensor, mask_BT: Tensor, kl_coef: float) -> Tensor:
+    """Sequence rewards with the KL put *in the reward*: `r_i - kl_coef * sum_t KL_t` over masked tokens, [batch].
+
+    The outcome-reward form of the per-token penalty `r_t = -kl_coef * KL_t` (InstructGPT 2203.02155 eq. 2; RLOO
+    2402.14740 treats the whole completion as one action): with gamma = 1 the return is the score minus the
+    summed penalty. Group-relative and leave-one-out baselines are then computed from these rewards. No gradient: pass a
+    detached `kl_BT` (e.g. `kl_estimate(name, lp_old, lp_ref)`). NaN (skipped) rewards stay NaN.
+    """
+    if kl_BT.dim() != 2 or kl_BT.shape != mask_BT.shape or rewards_B.shape != kl_BT.shape[:1]:
+        raise ValueError(
+            f"kl_penalized_rewards: rewards {tuple(rewards_B.shape)} must be [batch] and KL {tuple(kl_BT.shape)}, "
+            f"mask {tuple(mask_BT.shape)} [batch, tokens]"
+        )
+    kl_sum_B = torch.where(mask_BT.bool(), kl_BT, 0.0).sum(-1)
+    return rewards_B - kl_coef * kl_sum_B

@@ -1,15 +1,22 @@
-"""The learner: policy (+ LoRA), optimizer, LR schedule; one `train_step` per rollout batch.
+"""The learner: policy (+ LoRA), optimizer, LR schedule; `train_step` turns one rollout batch into updates.
 
-Runs as a Ray actor (`Learner`) or in-process (`LearnerImpl`). The loss is GRPO's clipped surrogate with an
-optional k3 KL to the reference (DeepSeekMath 2402.03300, eq. 3), reduced as the config says. With LoRA the
-reference is the same model with the adapter disabled, so no second copy of the weights is held.
+Runs as a Ray actor (`Learner`) or in-process (`LearnerImpl`). Two losses, named by `LearnerSettings.loss`:
+  - `"policy"`: the clipped surrogate (GRPO, DeepSeekMath 2402.03300 eq. 3; RLOO and REINFORCE++ use it too, where
+    with one update per batch it is exactly REINFORCE), per token or with GSPO's sequence ratio, plus an optional
+    KL to the reference (estimator k1/k2/k3) in the loss, reduced as the config says;
+  - `"sft"`: token-mean NLL of the batch's completions (online RFT's step on the kept samples).
+With LoRA the reference is the same model with the adapter disabled, so no second copy of the weights is held.
 
-Deviation, stated: with one policy update per rollout batch, `lp_old` is the learner's own log-prob detached
-(ratio == 1, so the clip only matters once several updates per batch exist). The sampler's log-probs are used
-only to log how far the engine's numbers are from the learner's (`rollout/logprob_diff`), a weight-sync check.
+Several updates per rollout batch: the batch is split into `mini_batches` contiguous row ranges, one optimizer
+step each, and the whole pass repeats `epochs_per_batch` times. `lp_old` is then the learner's log-prob before
+the first update, computed once per rollout batch (one no-grad pass, eval mode) unless the batch brings it (the
+driver computed it to put the KL in the reward). Deviation, stated: with a single update per batch no extra pass
+is made and `lp_old` is the learner's own log-prob detached (ratio == 1). The sampler's log-probs are used only to
+log how far the engine's numbers are from the learner's (`rollout/logprob_diff`), a weight-sync check.
 
-Cost, stated: whenever a reference exists (always with LoRA; with full weights only when `kl_coef > 0`), each
-micro-batch gets one extra no-grad forward pass so that `kl` is logged even when it is not in the loss.
+Cost, stated: whenever a reference exists (always with LoRA; with full weights only when a KL is used), its
+log-probs are computed once per rollout batch (one extra no-grad forward) so that `kl` is logged even when it is
+not in the loss.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +37,9 @@ from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.logprobs import token_logprobs
 from posttrain.models.lora import LoraSettings, apply_lora, merged_state_dict, save_merged
 from posttrain.rl.batch import TrainBatch
-from posttrain.rl.kl import kl_k3
-from posttrain.rl.losses.policy import clipped_policy_loss
+from posttrain.rl.kl import kl_estimate
+from posttrain.rl.losses.policy import clipped_policy_loss, gspo_policy_loss
+from posttrain.rl.losses.sft import sft_nll
 from posttrain.rl.metrics import masked_mean
 from posttrain.rl.reduction import reduce_loss
 
@@ -48,14 +56,27 @@ class LearnerSettings:
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    """in optimizer steps"""
     total_steps: int = 1
+    """in optimizer steps"""
     max_grad_norm: float = 1.0
     micro_batch_size: int = 8
     temperature: float = 1.0
+    loss: str = "policy"
+    """"policy" (clipped surrogate) or "sft" (NLL on the batch's completions)"""
     eps_low: float = 0.2
     eps_high: float = 0.2
+    dual_clip: float | None = None
+    ratio_level: str = "token"
+    """"token" (PPO/GRPO) or "sequence" (GSPO)"""
     kl_coef: float = 0.0
+    """weight of the KL in the loss (0 when the KL is in the reward or off)"""
+    kl_estimator: str = "k3"
+    reference: bool = False
+    """hold a reference even when `kl_coef` is 0 (the driver puts the KL in the reward); LoRA always has one"""
     loss_reduction: str = "token-mean"
+    epochs_per_batch: int = 1
+    mini_batches: int = 1
     seed: int = 0
     num_threads: int | None = None
 
@@ -74,11 +95,41 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     raise ValueError(f"unknown lr_schedule {schedule!r}; allowed: constant, linear, cosine")
 
 
+class _Stats:
+    """Running metrics of one `train_step`: sums, token-weighted means, min/max."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weighted: dict[str, list[tuple[float, float]]] = {}  # name -> [(masked mean, weight)]
+        self.low: dict[str, float] = {}
+        self.high: dict[str, float] = {}
+
+    def add(self, name: str, value: float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def mean(self, name: str, value: float, weight: float) -> None:
+        self.weighted.setdefault(name, []).append((value, weight))
+
+    def extremes(self, name: str, low: float, high: float) -> None:
+        self.low[name] = min(self.low.get(name, math.inf), low)
+        self.high[name] = max(self.high.get(name, -math.inf), high)
+
+    def result(self, updates: int) -> dict[str, float]:
+        metrics = {name: total / updates for name, total in self.sums.items()}  # per-update means
+        for name, pairs in self.weighted.items():
+            metrics[name] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+        metrics.update({f"{name}/min": v for name, v in self.low.items()})
+        metrics.update({f"{name}/max": v for name, v in self.high.items()})
+        return metrics
+
+
 class LearnerImpl:
     """Holds the policy and optimizer. Methods are the actor's RPC surface; see `Learner`."""
 
     def __init__(self, settings: LearnerSettings):
         self.settings = s = settings
+        if s.loss not in ("policy", "sft"):
+            raise ValueError(f"LearnerSettings.loss: unknown {s.loss!r}; allowed: policy, sft")
         torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
         torch.manual_seed(s.seed)
         self.tokenizer = load_tokenizer(s.model_path, padding_side="right")
@@ -87,7 +138,7 @@ class LearnerImpl:
         self.model.train()
         # With full weights and a KL term, the reference is a frozen copy; with LoRA it is the adapter switched off.
         self.ref_model = None
-        if s.kl_coef > 0 and not s.lora:
+        if (s.kl_coef > 0 or s.reference) and not s.lora:
             self.ref_model = load_model(s.model_path, dtype=s.dtype).eval().requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
@@ -101,78 +152,126 @@ class LearnerImpl:
     def ready(self) -> bool:
         return True
 
-    def _reference_logprobs(self, mb: TrainBatch) -> torch.Tensor | None:
-        """[B, C] log-probs of the completion tokens under the reference, or None without one."""
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_model is not None or self.settings.lora is not None
+
+    def _forward(self, mb: TrainBatch, reference: bool, with_grad: bool):
+        """(log-probs [B, C], entropy [B, C] or None) of the micro-batch's completion tokens."""
         s = self.settings
-        if self.ref_model is not None:
-            ctx, model = contextlib.nullcontext(), self.ref_model
-        elif s.lora:  # the base model is the reference: switch the adapter off for this pass
-            ctx, model = self.model.disable_adapter(), self.model
-        else:
-            return None
-        with ctx, torch.no_grad():
-            lp_ref, _ = token_logprobs(
-                model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature, False, mb.prompt_width
+        ctx, model = contextlib.nullcontext(), self.model
+        if reference and self.ref_model is not None:
+            model = self.ref_model
+        elif reference:  # LoRA: the base model is the reference, so switch the adapter off for this pass
+            ctx = self.model.disable_adapter()
+        with ctx, contextlib.nullcontext() if with_grad else torch.no_grad():
+            return token_logprobs(
+                model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature, with_grad, mb.prompt_width
             )
-        return lp_ref
+
+    def logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """No-grad log-probs of the batch's completion tokens, [B, C]: (policy, reference or None).
+
+        The policy's are `lp_old` for the coming updates (taken in eval mode, so no dropout).
+        """
+        policy_BC = torch.zeros_like(batch.loss_mask_BC)
+        ref_BC = torch.zeros_like(batch.loss_mask_BC) if self.has_reference else None
+        self.model.eval()
+        try:
+            for lo in range(0, len(batch), self.settings.micro_batch_size):
+                mb = batch.slice(lo, lo + self.settings.micro_batch_size)
+                rows, c = slice(lo, lo + len(mb)), mb.loss_mask_BC.shape[1]
+                policy_BC[rows, :c] = self._forward(mb, reference=False, with_grad=False)[0]
+                if ref_BC is not None:
+                    ref_BC[rows, :c] = self._forward(mb, reference=True, with_grad=False)[0]
+        finally:
+            self.model.train()
+        return policy_BC, ref_BC
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step over `batch`, in micro-batches; returns detached metrics."""
+        """`epochs_per_batch` x `mini_batches` optimizer steps over one rollout batch; returns detached metrics."""
         s = self.settings
         start = time.perf_counter()
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        if float(batch.loss_mask_BC.sum()) == 0:
+            raise ValueError("train_step: the batch has no completion tokens with loss (all samples skipped?)")
+        several_updates = s.epochs_per_batch * s.mini_batches > 1
+        need_old = s.loss == "policy" and several_updates and batch.old_logprobs_BC is None
+        need_ref = self.has_reference and batch.ref_logprobs_BC is None
+        if need_old or need_ref:
+            old_BC, ref_BC = self.logprobs(batch)  # before the first update: lp_old, once per rollout batch
+            batch = replace(
+                batch,
+                old_logprobs_BC=old_BC if need_old else batch.old_logprobs_BC,
+                ref_logprobs_BC=ref_BC if need_ref else batch.ref_logprobs_BC,
+            )
+        stats = _Stats()
+        first_lr = self.scheduler.get_last_lr()[0]
+        bounds = np.linspace(0, len(batch), min(s.mini_batches, len(batch)) + 1).round().astype(int)
+        updates = 0
+        for _ in range(s.epochs_per_batch):
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                mini = batch.slice(int(lo), int(hi)) if (lo, hi) != (0, len(batch)) else batch
+                updates += self._update(mini, stats)
+        metrics = stats.result(max(updates, 1))
+        metrics.update(lr=first_lr, updates=float(updates))
+        metrics.setdefault("kl", float("nan"))
+        metrics["time/train_step"] = time.perf_counter() - start
+        return metrics
+
+    def _update(self, batch: TrainBatch, stats: _Stats) -> int:
+        """One optimizer step over `batch`, in micro-batches; returns 1, or 0 if it has no loss tokens."""
+        s = self.settings
         num_tokens = float(batch.loss_mask_BC.sum())
         if num_tokens == 0:
-            raise ValueError("train_step: the batch has no completion tokens with loss (all samples skipped?)")
+            return 0
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
         # normalisers of the whole optimizer step, so micro-batch losses sum to the full-batch value;
         # sequences without loss tokens (skipped samples) do not count
         num_seqs = int((batch.loss_mask_BC.sum(-1) > 0).sum())
         norm = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_completion_tokens=batch.max_completion_tokens)
-        sums = {"loss": 0.0, "pg_loss": 0.0}
-        token_stats: dict[str, list[tuple[float, float]]] = {}  # name -> [(masked mean, weight)]
-        ratio_min, ratio_max = math.inf, -math.inf
         for lo in range(0, len(batch), s.micro_batch_size):
             mb = batch.slice(lo, lo + s.micro_batch_size)
-            mask = mb.loss_mask_BC
-            weight = float(mask.sum())
-            if weight == 0:
-                continue
-            # [B, C]: completion tokens only (the LM head skips prompt positions)
-            lp, entropy = token_logprobs(
-                self.model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature, True, mb.prompt_width
-            )
-            per_token, pg_metrics = clipped_policy_loss(
-                lp, lp.detach(), mb.advantages_B, mask, eps_low=s.eps_low, eps_high=s.eps_high
-            )
-            pg_loss = reduce_loss(per_token, mask, s.loss_reduction, **norm)
-            loss = pg_loss
-            lp_ref = self._reference_logprobs(mb)
-            if lp_ref is not None:
-                kl_BC = kl_k3(lp, lp_ref)
-                if s.kl_coef > 0:
-                    loss = loss + s.kl_coef * reduce_loss(kl_BC, mask, s.loss_reduction, **norm)
-                token_stats.setdefault("kl", []).append((float(masked_mean(kl_BC.detach(), mask)), weight))
-            loss.backward()
-            sums["loss"] += float(loss.detach())
-            sums["pg_loss"] += float(pg_loss.detach())
-            token_stats.setdefault("entropy", []).append((float(masked_mean(entropy, mask)), weight))
-            lp_diff = (lp.detach() - mb.sampler_logprobs_BC).abs()
-            token_stats.setdefault("rollout/logprob_diff", []).append((float(masked_mean(lp_diff, mask)), weight))
-            token_stats.setdefault("clip_fraction", []).append((pg_metrics["clip_fraction"], weight))
-            ratio_min, ratio_max = min(ratio_min, pg_metrics["ratio/min"]), max(ratio_max, pg_metrics["ratio/max"])
+            if float(mb.loss_mask_BC.sum()) > 0:
+                self._micro_batch_backward(mb, norm, stats)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
-        lr = self.scheduler.get_last_lr()[0]
+        stats.add("grad_norm", float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
         self.optimizer.step()
         self.scheduler.step()
         self.steps_done += 1
-        metrics = dict(sums, grad_norm=grad_norm, lr=lr, **{"ratio/min": ratio_min, "ratio/max": ratio_max})
-        for name, pairs in token_stats.items():
-            metrics[name] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
-        metrics.setdefault("kl", float("nan"))
-        metrics["time/train_step"] = time.perf_counter() - start
-        return metrics
+        return 1
+
+    def _micro_batch_backward(self, mb: TrainBatch, norm: dict, stats: _Stats) -> None:
+        """Loss of one micro-batch (its share of the step's loss), backward, and its metrics into `stats`."""
+        s = self.settings
+        mask = mb.loss_mask_BC
+        weight = float(mask.sum())
+        lp, entropy = self._forward(mb, reference=False, with_grad=True)  # [B, C]: completion tokens only
+        if s.loss == "sft":
+            main, sft_metrics = sft_nll(lp, mask, norm["num_tokens"])
+            stats.mean("nll", sft_metrics["nll"], weight)
+        else:
+            old = lp.detach() if mb.old_logprobs_BC is None else mb.old_logprobs_BC
+            policy_loss = gspo_policy_loss if s.ratio_level == "sequence" else clipped_policy_loss
+            per_token, pg = policy_loss(lp, old, mb.advantages, mask, s.eps_low, s.eps_high, s.dual_clip)
+            main = reduce_loss(per_token, mask, s.loss_reduction, **norm)
+            for name in ("clip_fraction", "dual_clip_fraction"):
+                if name in pg:
+                    stats.mean(name, pg[name], weight)
+            stats.extremes("ratio", pg["ratio/min"], pg["ratio/max"])
+        loss = main
+        if mb.ref_logprobs_BC is not None:
+            kl_BC = kl_estimate(s.kl_estimator, lp, mb.ref_logprobs_BC)
+            if s.kl_coef > 0:
+                reduction = "token-mean" if s.loss == "sft" else s.loss_reduction
+                loss = loss + s.kl_coef * reduce_loss(kl_BC, mask, reduction, **norm)
+            stats.mean("kl", float(masked_mean(kl_BC.detach(), mask)), weight)
+        loss.backward()
+        stats.add("loss", float(loss.detach()))
+        stats.add("pg_loss" if s.loss == "policy" else "sft_loss", float(main.detach()))
+        stats.mean("entropy", float(masked_mean(entropy, mask)), weight)
+        lp_diff = (lp.detach() - mb.sampler_logprobs_BC).abs()
+        stats.mean("rollout/logprob_diff", float(masked_mean(lp_diff, mask)), weight)
 
     # ------------------------------------------------------------------------------------------- weights
 

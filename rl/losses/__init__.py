@@ -1,7 +1,7 @@
 """Per-token losses: pure functions of tensors returning `(loss, metrics)` with detached metrics."""
 
 from posttrain.rl.losses.distill import generalized_jsd, reverse_kl_sampled
-from posttrain.rl.losses.policy import clipped_policy_loss
+from posttrain.rl.losses.policy import clipped_policy_loss, gspo_policy_loss, sequence_log_ratio
 from posttrain.rl.losses.preference import (
     dpo_hinge,
     dpo_ipo,
@@ -22,9 +22,11 @@ __all__ = [
     "dpo_robust",
     "dpo_sigmoid",
     "generalized_jsd",
+    "gspo_policy_loss",
     "log1mexp",
     "orpo",
     "reverse_kl_sampled",
+    "sequence_log_ratio",
     "sequence_logprob",
     "sft_nll",
 ]

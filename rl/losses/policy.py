@@ -1,9 +1,15 @@
-"""Policy-gradient losses, per token (reduce them with `rl.reduction.reduce_loss`)."""
+"""Policy-gradient losses, per token (reduce them with `rl.reduction.reduce_loss`).
+
+Two named variants share one clipped surrogate: `clipped_policy_loss` (PPO/GRPO, one ratio per token) and
+`gspo_policy_loss` (GSPO, one ratio per sequence, broadcast over its tokens).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from posttrain.rl.metrics import masked_mean
 
 
 def clipped_policy_loss(
@@ -40,13 +46,58 @@ def clipped_policy_loss(
     """
     mask = mask_BT.bool()
     advantages_BT = _broadcast_advantages(advantages_B_or_BT, logprobs_BT, old_logprobs_BT, mask)
+    # Zero the inputs at masked positions *before* exp: `where` sends a zero gradient to the branch it drops, but
+    # an inf/NaN computed from that branch would still turn it into NaN (0 * inf) on the way back.
+    log_ratio_BT = torch.where(mask, logprobs_BT - old_logprobs_BT, 0.0)
+    return _clipped_surrogate(log_ratio_BT, advantages_BT, mask, eps_low, eps_high, dual_clip)
+
+
+def gspo_policy_loss(
+    logprobs_BT: Tensor,
+    old_logprobs_BT: Tensor,
+    advantages_B_or_BT: Tensor,
+    mask_BT: Tensor,
+    eps_low: float = 3e-4,
+    eps_high: float = 4e-4,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """GSPO's clipped surrogate with one importance ratio per sequence, written per token.
+
+    Zheng et al., Group Sequence Policy Optimization (2507.18071), eq. 5-7: `s_i = exp(mean_t (lp - lp_old))` over
+    the sequence's masked tokens, then `L = -min(s_i A, clip(s_i, 1 - eps_low, 1 + eps_high) A)`. Every token of
+    sequence i carries that same loss value, and `s_i` keeps its gradient (`d s_i / d lp_t = s_i / |o_i|`), so
+    with `seq-mean-token-mean` the reduced loss is exactly the paper's sequence-level objective; with other
+    reductions sequences are weighted as the reduction says. Arguments and returned metrics are those of
+    `clipped_policy_loss` (the ratio metrics then describe sequence ratios, counted once per token).
+
+    Defaults: the paper's clip range, 3e-4 / 4e-4 (sequence ratios sit much closer to 1 than token ratios).
+    Deviations, stated: token-level advantages ([B, T]) are accepted and used per token, whereas the paper has one
+    advantage per sequence; dual clip is an option the paper does not discuss.
+    """
+    mask = mask_BT.bool()
+    advantages_BT = _broadcast_advantages(advantages_B_or_BT, logprobs_BT, old_logprobs_BT, mask)
+    log_ratio_BT = torch.where(mask, logprobs_BT - old_logprobs_BT, 0.0)
+    return _clipped_surrogate(sequence_log_ratio(log_ratio_BT, mask), advantages_BT, mask, eps_low, eps_high, dual_clip)
+
+
+def sequence_log_ratio(log_ratio_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """GSPO's length-normalised sequence log-ratio `mean_t (lp - lp_old)` over masked tokens, broadcast to [B, T].
+
+    Gradients flow to every masked token of the row (1/|o_i| each); a row with no masked token gets 0.
+    """
+    seq_B = masked_mean(log_ratio_BT, mask_BT, dim=-1)
+    return seq_B[:, None].expand_as(log_ratio_BT)  # [B] -> [B, 1] -> [B, T]: one ratio per sequence
+
+
+def _clipped_surrogate(
+    log_ratio_BT: Tensor, advantages_BT: Tensor, mask: Tensor, eps_low: float, eps_high: float, dual_clip: float | None
+) -> tuple[Tensor, dict[str, float]]:
+    """The clipped (and optionally dual-clipped) surrogate of `clipped_policy_loss` from a log-ratio [B, T]."""
     if not 0 <= eps_low < 1 or eps_high < 0:
         raise ValueError(f"clipped_policy_loss: need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"clipped_policy_loss: dual_clip must be > 1, got {dual_clip}")
-    # Zero the inputs at masked positions *before* exp: `where` sends a zero gradient to the branch it drops, but
-    # an inf/NaN computed from that branch would still turn it into NaN (0 * inf) on the way back.
-    log_ratio_BT = torch.where(mask, logprobs_BT - old_logprobs_BT, 0.0)
+    log_ratio_BT = torch.where(mask, log_ratio_BT, 0.0)
     advantages_BT = torch.where(mask, advantages_BT, 0.0)
     ratio_BT = torch.exp(log_ratio_BT)
     unclipped_BT = ratio_BT * advantages_BT
