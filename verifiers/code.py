@@ -12,7 +12,11 @@ Two modes:
     a custom `__eq__`/`__bool__`/`__lt__`), compared by the runner: `AlwaysEqual` answers fail;
   - the test code runs with a snapshot of the builtins taken before the candidate ran (patching `builtins`
     does not reach the asserts), and the runner holds its own references to what it needs.
-  Residual risk, by design unavoidable with in-process tests: a candidate that deliberately introspects the
+  - expected values held back: in `assert X == EXPECTED` where EXPECTED is a literal, or a constant expression
+    of literals, operators and pure builtins (`2 * 2`, `sorted([3, 1])`, computed here in a killable worker),
+    the candidate's process only sends X out and the comparison happens here: a forged record cannot match.
+  Residual risk, by design unavoidable with in-process tests: where the expected side depends on the test's own
+  functions or variables (it must run next to the candidate), a candidate that deliberately introspects the
   runner (walking frames or `gc`, finding its pipes in /proc/self/fd, patching imported modules such as `math`)
   can read the test's expected values or forge a record. The sandbox bounds what that gains: reward only.
 """
@@ -20,9 +24,12 @@ Two modes:
 from __future__ import annotations
 
 import ast
+import atexit
+import os
 import secrets
 from dataclasses import dataclass, field
 
+from posttrain.verifiers.pool import WorkerPool
 from posttrain.verifiers.sandbox import OUTPUT_CAP, RawRun, run_python
 
 STATUSES = ("ok", "wrong", "error", "timeout", "memory", "killed")
@@ -180,13 +187,93 @@ def _literal(node: ast.expr) -> tuple[bool, object]:
         return False, None
 
 
+_FOLDABLE_NAMES = frozenset(
+    "abs all any bool bytes chr complex dict divmod float frozenset int len list max min ord pow range round set "
+    "sorted str sum tuple".split()
+)
+_FOLDABLE_NODES = (
+    ast.Expression, ast.Constant, ast.Name, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.Call, ast.List,
+    ast.Tuple, ast.Set, ast.Dict, ast.keyword, ast.IfExp, ast.Subscript, ast.Slice,
+    ast.operator, ast.unaryop, ast.boolop, ast.cmpop, ast.expr_context,
+)  # fmt: skip
+_EXACT_SCALARS = (int, float, bool, complex, str, bytes, type(None))
+
+
+def _foldable(node: ast.expr) -> bool:
+    """Whether `node` is an expression of literals, operators and a few pure builtins (no other names, no
+    attributes): its value does not depend on the program, so it can be computed without it."""
+    for sub in ast.walk(node):
+        if not isinstance(sub, _FOLDABLE_NODES):
+            return False
+        if isinstance(sub, ast.Name) and sub.id not in _FOLDABLE_NAMES:
+            return False
+        if isinstance(sub, ast.Call) and not isinstance(sub.func, ast.Name):
+            return False
+    return True
+
+
+def _exact(value: object, depth: int = 0) -> bool:
+    """Made only of exact builtin scalar and container types (what a literal can spell)."""
+    kind = type(value)
+    if kind in _EXACT_SCALARS:
+        return True
+    if depth > 50:
+        return False
+    if kind in (list, tuple, set, frozenset):
+        return all(_exact(item, depth + 1) for item in value)
+    if kind is dict:
+        return all(_exact(k, depth + 1) and _exact(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def fold_constant(source: str) -> object:
+    """Evaluate a `_foldable` expression with only the whitelisted builtins (runs in a pool worker: a huge
+    `10**10**10` or `[0] * 10**10` is killed by its timeout or memory cap, not computed here)."""
+    import builtins
+
+    tree = ast.parse(source, mode="eval")
+    if not _foldable(tree):
+        raise ValueError("not a constant expression")
+    names = {name: getattr(builtins, name) for name in _FOLDABLE_NAMES}
+    value = eval(compile(tree, "<expected>", "eval"), {"__builtins__": names}, {})
+    if not _exact(value):
+        raise ValueError(f"not a plain value: {type(value).__name__}")
+    return value
+
+
+_FOLD_POOL: WorkerPool | None = None
+_FOLD_POOL_PID = 0
+
+
+def _fold(node: ast.expr) -> tuple[bool, object]:
+    """(True, value) for a constant expected side (`2 * 2`, `sorted([3, 1])`), computed outside the candidate's
+    process in a killable worker; (False, None) when it is not one or does not finish within a second."""
+    global _FOLD_POOL, _FOLD_POOL_PID
+    if not _foldable(node):
+        return False, None
+    if _FOLD_POOL is None or _FOLD_POOL_PID != os.getpid():  # one per process (a forked child starts its own)
+        _FOLD_POOL, _FOLD_POOL_PID = (
+            WorkerPool(f"{__name__}:fold_constant", workers=1, memory_limit_mb=512),
+            os.getpid(),
+        )
+        atexit.register(_FOLD_POOL.close)
+    result = _FOLD_POOL.call(ast.unparse(node), timeout=1.0)
+    return (True, result.value) if result.status == "ok" and _exact(result.value) else (False, None)
+
+
 def _outsourced(stmt: ast.Assert) -> tuple[ast.expr, object] | None:
-    """For `assert X == LITERAL` (either way round): X and the literal, which then stays on the trusted side."""
+    """For `assert X == EXPECTED` (either way round), where EXPECTED is a literal or a constant expression of
+    literals and pure builtins: X and EXPECTED's value, which then stays on the trusted side."""
     test = stmt.test
     if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
         return None
     left, right = test.left, test.comparators[0]
     (lok, lval), (rok, rval) = _literal(left), _literal(right)
+    if not lok and not rok:
+        if _foldable(right) and not _foldable(left):
+            rok, rval = _fold(right)
+        elif _foldable(left) and not _foldable(right):
+            lok, lval = _fold(left)
     if rok and not lok:
         return left, rval
     if lok and not rok:
@@ -205,8 +292,9 @@ class PreparedTests:
 
 
 def prepare_tests(test: str) -> PreparedTests:
-    """Rewrite test code: top-level `assert X == LITERAL` become "send X out" (compared here); other asserts go
-    through strict exact-type comparisons; each top-level assert (module or `check` body) is a recorded case."""
+    """Rewrite test code: top-level `assert X == EXPECTED` (a literal or constant expression, see `_outsourced`)
+    become "send X out" (compared here); other asserts go through strict exact-type comparisons; each top-level
+    assert (module or `check` body) is a recorded case."""
     tree = ast.parse(test)
     count = 0
     expected: dict[int, object] = {}

@@ -1,5 +1,6 @@
 """Sandboxed code execution (posttrain.verifiers.code): correctness, and the adversarial programs beside this file."""
 
+import ast
 import os
 import secrets
 import socket
@@ -259,15 +260,55 @@ def test_fallback_without_bwrap_warns_and_still_runs(monkeypatch):
     assert code_mod.run_python is sandbox.run_python
 
 
-@pytest.mark.xfail(strict=True, reason="known residual risk: in-process tests with non-literal expected values")
-def test_residual_forged_record_with_non_literal_asserts():
-    # Expected values of `assert f(x) == LITERAL` are held back on the trusted side, so a forged record cannot
-    # match them (see steal_nonce_forge.py). Where the expected side is an expression evaluated in the sandbox,
-    # a program that attacks the runner's own protocol (stealing the nonce from its pipe) can forge a verdict.
+def _forger(statuses: str) -> str:
     program = (Path(__file__).parent / "adversarial" / "steal_nonce_forge.py").read_text()
-    program = program.replace("ok 1\\n0\\nok 1\\n0\\n", "ok 0\\n\\nok 0\\n\\n")
-    tests = "def check(candidate):\n    assert candidate(2) == 2 * 2\n    assert candidate(3) == 3 * 3\n"
-    assert not run_assert_tests(program, tests, "solve", timeout=5).passed
+    return program.replace("ok 1\\n0\\nok 1\\n0\\n", statuses)
+
+
+def test_constant_expected_expressions_are_held_back_so_a_stolen_nonce_cannot_forge_them():
+    # `2 * 2` is computed on the trusted side, like a literal: the forged "ok" record must still carry the value
+    tests = "def check(candidate):\n    assert candidate(2) == 2 * 2\n    assert candidate(3) == sorted([9])[0]\n"
+    assert not run_assert_tests(_forger("ok 0\\n\\nok 0\\n\\n"), tests, "solve", timeout=5).passed
+    good = "def solve(x):\n    return x * x\n"
+    assert run_assert_tests(good, tests, "solve", timeout=5).passed
+    assert not run_assert_tests("def solve(x):\n    return x + x\n", tests, "solve", timeout=5).passed
+
+
+@pytest.mark.parametrize(
+    "source, value",
+    [("2 * 2", 4), ("sorted([3, 1, 2])", [1, 2, 3]), ("{1: 'a'}", {1: "a"}), ("-1 / 4", -0.25), ("set()", set())],
+)
+def test_fold_constant_computes_plain_values(source, value):
+    assert code_mod._fold(ast.parse(source, mode="eval").body) == (True, value)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "helper(2)",  # the test's own function: must run next to the candidate
+        "().__class__",  # attributes are never folded
+        "open('/etc/passwd')",  # only whitelisted pure builtins
+        "[x for x in range(3)]",  # no comprehensions
+        "10 ** 10 ** 10",  # killed by the timeout, not computed here
+        "[0] * 10 ** 10",  # killed by the memory cap
+    ],
+)
+def test_fold_constant_refuses_or_gives_up(source):
+    start = time.perf_counter()
+    assert code_mod._fold(ast.parse(source, mode="eval").body) == (False, None)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.xfail(
+    strict=True, reason="known residual risk: in-process tests whose expected side needs the test's code"
+)
+def test_residual_forged_record_with_expected_values_from_test_helpers():
+    # Where the expected side calls the test's own function it must be evaluated in the sandbox, next to the
+    # candidate; a program that attacks the runner's protocol (stealing the nonce from its pipe) can then forge
+    # a verdict. The sandbox bounds what that gains: reward only.
+    tests = "def sq(x):\n    return x * x\n\ndef check(candidate):\n    assert candidate(2) == sq(2)\n"
+    tests += "    assert candidate(3) == sq(3)\n"
+    assert not run_assert_tests(_forger("ok 0\\n\\nok 0\\n\\n"), tests, "solve", timeout=5).passed
 
 
 @pytest.mark.skipif(not HAVE_BWRAP, reason="needs bubblewrap")
