@@ -164,6 +164,8 @@ def _sympy_equal(gold_source: str, pred_source: str, proportional: bool = False)
     try:
         gold = parse_expr(gold_source, local_dict=local, global_dict=global_dict, transformations=_TRANSFORMATIONS)
         pred = parse_expr(pred_source, local_dict=local, global_dict=global_dict, transformations=_TRANSFORMATIONS)
+        if _numerically_different(gold, pred, list(letters.values()), proportional):
+            return False  # a cheap, sound early exit; equality is only ever decided by simplify below
         if not proportional:
             return bool(sympy.simplify(gold - pred) == 0)
         if sympy.simplify(gold) == 0 or sympy.simplify(pred) == 0:
@@ -172,6 +174,32 @@ def _sympy_equal(gold_source: str, pred_source: str, proportional: bool = False)
         return bool(ratio.is_number and ratio.is_nonzero and ratio.is_finite)
     except Exception:
         return False
+
+
+_PROBE_POINTS = (sympy.Rational(7, 3), sympy.Rational(-5, 11), sympy.Rational(13, 17))
+
+
+def _numerically_different(gold, pred, symbols: list, proportional: bool) -> bool:
+    """Whether `gold` and `pred` (or, `proportional`, their ratio) visibly differ at a few rational points: a
+    nonzero difference (or two different ratios) at a point where both are finite disproves equivalence without
+    simplify, the slow part for most near misses. Points where either side is undefined are skipped."""
+    values = []
+    for shift in range(len(_PROBE_POINTS)):
+        subs = {symbol: _PROBE_POINTS[(shift + i) % len(_PROBE_POINTS)] for i, symbol in enumerate(symbols)}
+        try:
+            g, p = complex(gold.evalf(20, subs=subs)), complex(pred.evalf(20, subs=subs))
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+            continue
+        if not all(map(math.isfinite, (g.real, g.imag, p.real, p.imag))):
+            continue
+        if not proportional:
+            if abs(g - p) > 1e-9 * max(1.0, abs(g), abs(p)):
+                return True
+        elif abs(p) > 1e-12:
+            values.append(g / p)
+        if not symbols:
+            break
+    return proportional and len(values) > 1 and any(abs(v - values[0]) > 1e-9 * max(1.0, abs(v)) for v in values)
 
 
 def warm_up() -> None:
