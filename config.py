@@ -18,6 +18,8 @@ OFFLINE_ALGORITHMS = ("sft", "dpo", "orpo", "reward_model")
 """algorithms that train on a dataset in the CLI process (no rollouts, no Ray)"""
 ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft")
 """algorithms that generate, score and learn every step (`rl/grpo.py`'s trainer, through Ray)"""
+TRACE_ALGORITHMS = ("distill", "rft_offline")
+"""generate -> verify -> keep a dataset once, then SFT on it (`distill/`): a teacher's traces, or the model's own"""
 
 
 class ConfigError(ValueError):
@@ -46,6 +48,8 @@ class ModelConfig(_Section):
     """weights dtype for learner and rollout"""
     lora: LoraConfig | None = None
     """train a LoRA adapter instead of full weights (the reference model is then the base, adapter off)"""
+    quantize: Literal["none", "nf4", "fp4"] = "none"
+    """QLoRA: hold the base weights in 4 bits (bitsandbytes; needs `lora`; offline algorithms only for now)"""
     system_prompt: str | None = None
     """system message put before every prompt"""
     use_chat_template: bool = True
@@ -144,7 +148,17 @@ class RolloutConfig(_Section):
 
 class AlgorithmConfig(_Section):
     name: Literal[
-        "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "sft", "dpo", "orpo", "reward_model"
+        "grpo",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+        "rft",
+        "sft",
+        "dpo",
+        "orpo",
+        "reward_model",
+        "distill",
+        "rft_offline",
     ] = "grpo"
     """the algorithm: online (grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft; see ONLINE_ALGORITHMS) or offline
     on a dataset (sft, dpo, orpo, reward_model; see OFFLINE_ALGORITHMS)"""
@@ -263,6 +277,25 @@ class RewardModelConfig(_Section):
     """weight of the centering term c (r_c + r_r)^2 that keeps scores near 0"""
 
 
+class TracesConfig(_Section):
+    teacher: str | None = None
+    """the model that writes the traces (folder, hub id or alias); none = `model.path` itself (offline RFT)"""
+    teacher_system_prompt: str | None = None
+    """system message for the teacher only (e.g. a reasoning format); the student trains on the bare prompt"""
+    samples_per_prompt: int = Field(4, ge=1)
+    """completions generated per problem (K)"""
+    keep: Literal["shortest", "best", "all"] = "shortest"
+    """per problem: the shortest qualifying trace, the highest-reward one, or every qualifying one"""
+    min_reward: float | None = 1.0
+    """a trace qualifies when its total reward >= this (1.0 = verified correct); none = no threshold"""
+    max_per_problem: int | None = Field(None, ge=1)
+    """keep at most this many per problem (default: 1 for shortest/best, no limit for all)"""
+    drop_truncated: bool = True
+    """traces cut by the length limit (rollout.max_new_tokens) never qualify"""
+    chunk_problems: int = Field(16, ge=1)
+    """problems generated per chunk: the unit of progress that an interrupted run resumes after"""
+
+
 class EvalConfig(_Section):
     data: DataSource | None = None
     """held-out problems (none = no evaluation)"""
@@ -316,6 +349,8 @@ class RecipeConfig(_Section):
     """dpo / orpo knobs"""
     sft: SFTConfig = SFTConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
+    traces: TracesConfig = TracesConfig()
+    """distill / rft_offline: how traces are generated and kept"""
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -347,6 +382,11 @@ class RecipeConfig(_Section):
     @model_validator(mode="after")
     def _check_offline(self) -> RecipeConfig:
         name = self.algorithm.name
+        if self.model.quantize != "none" and (self.model.lora is None or name not in OFFLINE_ALGORITHMS):
+            raise ValueError(
+                "model.quantize: 4-bit base weights (QLoRA) need model.lora and an offline algorithm "
+                f"(sft, dpo, orpo; got lora={'set' if self.model.lora else 'null'}, algorithm.name={name})"
+            )
         if name not in OFFLINE_ALGORITHMS:
             if not self.rewards:
                 raise ValueError(f"rewards: algorithm.name={name} needs at least one reward function")
@@ -364,6 +404,17 @@ class RecipeConfig(_Section):
             raise ValueError("sft.packing: not available yet; allowed: false")
         if name == "reward_model" and self.model.lora is not None:
             raise ValueError("model.lora: reward_model trains full weights only for now; set model.lora=null")
+        return self
+
+    @model_validator(mode="after")
+    def _check_traces(self) -> RecipeConfig:
+        name, traces = self.algorithm.name, self.traces
+        if name == "distill" and traces.teacher is None:
+            raise ValueError("traces.teacher: algorithm.name=distill needs the teacher model (a folder or hub id)")
+        if name == "rft_offline" and traces.teacher is not None:
+            raise ValueError("traces.teacher: rft_offline samples the model itself; use algorithm.name=distill")
+        if traces.keep == "all" and traces.min_reward is None:
+            raise ValueError("traces.min_reward: keep=all needs a threshold (none would keep every trace)")
         return self
 
     def reward_names(self) -> list[str]:

@@ -46,13 +46,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, quantize: str = "none"):
     """Load a causal LM (`AutoModelForCausalLM`) on CPU in `dtype`; the train/eval mode is left as transformers sets it.
 
     Args:
         name_or_path: a local folder, a demo alias or a hub id (see `resolve_model_path`).
         dtype: a name accepted by `torch_dtype`.
         trust_remote_code: passed to transformers.
+        quantize: "none", or "nf4" / "fp4": the linear layers' weights held in 4 bits by bitsandbytes (QLoRA's base;
+            computed in `dtype`; embeddings, norms and the LM head stay in `dtype`). Needs `pip install bitsandbytes`.
     Returns:
         a `PreTrainedModel`.
     """
@@ -60,8 +62,18 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-actor weight-loading bars would interleave with the run's progress bar
+    extra = {}
+    if quantize != "none":
+        from transformers import BitsAndBytesConfig
+
+        if quantize not in ("nf4", "fp4"):
+            raise ValueError(f"unknown quantize {quantize!r}; allowed: none, nf4, fp4")
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=torch_dtype(dtype)
+        )
+        extra["device_map"] = "cpu"
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        resolve_model_path(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **extra
     )
 
 

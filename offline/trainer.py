@@ -80,11 +80,25 @@ def load_policy(cfg: RecipeConfig, model_path: str, tokenizer):
         if model.config.pad_token_id is None:  # transformers finds the last real token through the pad id
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
-    model = load_model(model_path, dtype=cfg.model.dtype)
+    model = load_model(model_path, dtype=cfg.model.dtype, quantize=cfg.model.quantize)
     lora = cfg.model.lora
     if lora is not None:
         model = apply_lora(model, LoraSettings(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules)))
     return model
+
+
+def full_precision_copy(cfg: RecipeConfig, model_path: str, qlora_model):
+    """The QLoRA adapter on a fresh full-precision base, for saving a plain merged folder.
+
+    Deviation, stated: the merge uses the original `model.dtype` base weights, not their 4-bit rounding that the
+    adapter was trained against (the usual QLoRA export; peft's own merge would re-quantize the result).
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    plain_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantize": "none"})})
+    copy = load_policy(plain_cfg, model_path, tokenizer=None)
+    set_peft_model_state_dict(copy, get_peft_model_state_dict(qlora_model))
+    return copy
 
 
 class OfflineTrainer:
@@ -94,7 +108,7 @@ class OfflineTrainer:
         self.cfg = cfg
         self.method = cfg.algorithm.name
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
-        model_path = resolve_model_path(cfg.model.path)
+        self.model_path = model_path = resolve_model_path(cfg.model.path)
         self.tokenizer = load_tokenizer(model_path, padding_side="right")
         self.pad_id = self.tokenizer.pad_token_id
         chat = ChatTokenizer(self.tokenizer, cfg.model.system_prompt, cfg.model.use_chat_template, cfg.train.max_length)
@@ -219,7 +233,9 @@ class OfflineTrainer:
         return self.finish()
 
     def finish(self) -> Path:
-        save_merged(self.model, self.tokenizer, self.run_dir / "final")
+        quantized = self.cfg.model.quantize != "none"
+        final = full_precision_copy(self.cfg, self.model_path, self.model) if quantized else self.model
+        save_merged(final, self.tokenizer, self.run_dir / "final")
         self.logger.close()
         rows = read_metrics(self.run_dir)
         curves = CURVES[self.method]

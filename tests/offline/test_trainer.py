@@ -197,3 +197,39 @@ def test_offline_config_errors_name_the_key(override, message):
 def test_precompute_reference_is_refused_without_a_reference_model():
     with pytest.raises(ConfigError, match="preference.precompute_reference: only dpo has a reference model"):
         load_config(ROOT / "recipes/orpo.yaml", ["preference.precompute_reference=true"])
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft"])
+def test_qlora_trains_adapters_on_a_4bit_base_and_saves_a_full_precision_merge(tmp_path, tiny_path, method):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"]}
+    rows = PREFERENCE_ROWS if method == "dpo" else SFT_ROWS
+    cfg = offline_config(
+        tmp_path, tiny_path, method, rows, model={"lora": lora, "quantize": "nf4"}, train={"steps": 3, "lr": 1e-2}
+    )
+    trainer = OfflineTrainer(cfg)
+    base = trainer.model.get_base_model()
+    assert isinstance(base.model.layers[0].mlp.up_proj, Linear4bit)  # every linear layer is 4-bit, not just targets
+    assert all("lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    run = trainer.run()
+    rows_logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if method == "dpo":
+        assert rows_logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = the 4-bit base
+    assert rows_logged[-1]["loss"] < rows_logged[0]["loss"]
+    original = AutoModelForCausalLM.from_pretrained(tiny_path).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    # layers without an adapter keep their exact full-precision weights; adapted ones moved
+    assert torch.equal(final["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        final["model.layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"]
+    )
+
+
+def test_qlora_is_refused_without_lora_or_for_online_algorithms(tmp_path):
+    with pytest.raises(ConfigError, match="model.quantize: 4-bit base weights"):
+        load_config(ROOT / "recipes/sft.yaml", ["model.quantize=nf4", "model.lora=null"])
+    with pytest.raises(ConfigError, match="model.quantize: 4-bit base weights"):
+        load_config(ROOT / "recipes/quickstart.yaml", ["model.quantize=nf4"])
