@@ -233,3 +233,21 @@ def test_qlora_is_refused_without_lora_or_for_online_algorithms(tmp_path):
         load_config(ROOT / "recipes/sft.yaml", ["model.quantize=nf4", "model.lora=null"])
     with pytest.raises(ConfigError, match="model.quantize: 4-bit base weights"):
         load_config(ROOT / "recipes/quickstart.yaml", ["model.quantize=nf4"])
+
+
+def test_a_trained_reward_model_scores_the_same_through_the_reward_model_reward(tmp_path, tiny_path):
+    from posttrain.offline import objectives as obj
+    from posttrain.rewards.reward_model import RewardModelScorer
+
+    cfg = offline_config(tmp_path, tiny_path, "reward_model", PREFERENCE_ROWS, train={"steps": 2})
+    trainer = OfflineTrainer(cfg)
+    run = trainer.run()
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = obj.reward_scores(trainer.model, obj.pair_batch(trainer.rows, trainer.pad_id)).tolist()
+    scorer = RewardModelScorer(str(run / "final"), device="cpu")
+    prompts = [r["prompt"] for r in PREFERENCE_ROWS] * 2
+    completions = [r["chosen"] for r in PREFERENCE_ROWS] + [r["rejected"] for r in PREFERENCE_ROWS]
+    # the reward scores the text training saw (chat template, end-of-turn included), so the scores agree
+    assert scorer.score(prompts, completions) == pytest.approx(ours, abs=1e-5)
+    assert len(set(round(s, 4) for s in ours)) > 1  # not a constant head
