@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from posttrain.config import OFFLINE_ALGORITHMS, ConfigError, RecipeConfig, load_config
+from posttrain.config import OFFLINE_ALGORITHMS, TRACE_ALGORITHMS, ConfigError, RecipeConfig, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
@@ -30,10 +30,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         run_offline(cfg)
         return 0
+    if cfg.algorithm.name in TRACE_ALGORITHMS:  # generate -> verify -> keep, then SFT the student
+        from posttrain.distill.pipeline import run_distill
+
+        run_distill(cfg)
+        return 0
     from posttrain.rl.grpo import run_grpo
 
     run_grpo(cfg)
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    if cfg.algorithm.name not in TRACE_ALGORITHMS:
+        raise ConfigError(
+            f"{args.recipe}: `posttrain distill` runs algorithm.name distill or rft_offline, got {cfg.algorithm.name}"
+        )
+    return cmd_train(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -94,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=5 resume=runs/x")
     train.set_defaults(func=cmd_train)
+    distill = sub.add_parser("distill", help="teacher traces -> verify -> keep -> SFT the student (a distill recipe)")
+    distill.add_argument("recipe", help="a recipe with algorithm.name distill or rft_offline")
+    distill.add_argument("overrides", nargs="*", help="key=value overrides, e.g. traces.samples_per_prompt=8")
+    distill.set_defaults(func=cmd_distill)
     ev = sub.add_parser("eval", help="evaluate a model on a recipe's eval set with its rewards")
     ev.add_argument("recipe", help="the recipe whose eval data, rewards and model to use")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.n=8 eval.temperature=1.0")

@@ -1,0 +1,1 @@
+"""Distillation and rejection sampling: generate -> verify -> keep a dataset, then SFT a student on it."""
