@@ -98,6 +98,28 @@ def test_gspo_padding_changes_nothing():
     assert padded_metrics == metrics
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gspo_micro_batches_1x6_and_6x1_give_the_same_gradient(reduction):
+    # the sequence ratio lives inside a row, so splitting rows across micro-batches with the step's normalisers
+    # (as the learner does) must reproduce the full-batch gradient
+    gen = torch.Generator().manual_seed(7)
+    lp0 = -torch.rand(6, 5, generator=gen, dtype=torch.float64)
+    old = lp0 + 0.3 * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    adv = torch.randn(6, generator=gen, dtype=torch.float64)
+    mask = (torch.arange(5)[None, :] < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]).double()
+    norm = dict(num_tokens=float(mask.sum()), num_seqs=6, max_completion_tokens=5)
+
+    def grad(rows_per_micro_batch):
+        lp = lp0.clone().requires_grad_(True)
+        for lo in range(0, 6, rows_per_micro_batch):
+            rows = slice(lo, lo + rows_per_micro_batch)
+            loss, _ = gspo_policy_loss(lp[rows], old[rows], adv[rows], mask[rows], eps_low=0.1, eps_high=0.1)
+            reduce_loss(loss, mask[rows], reduction, **norm).backward()
+        return lp.grad
+
+    torch.testing.assert_close(grad(1), grad(6), atol=1e-12, rtol=0)
+
+
 def test_gspo_gradient_at_ratio_one_is_the_sequence_mean_of_reinforce():
     # lp == lp_old: s = 1, inside any clip range; per token d/d lp_t of sum_t L = |o| * (-A) / |o| = -A
     lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.1, 0.0]], requires_grad=True)
