@@ -385,7 +385,8 @@ class RecipeConfig(_Section):
         if self.model.quantize != "none" and (self.model.lora is None or name not in OFFLINE_ALGORITHMS):
             raise ValueError(
                 "model.quantize: 4-bit base weights (QLoRA) need model.lora and an offline algorithm "
-                f"(sft, dpo, orpo; got lora={'set' if self.model.lora else 'null'}, algorithm.name={name})"
+                f"({', '.join(OFFLINE_ALGORITHMS)}; got lora={'set' if self.model.lora else 'null'}, "
+                f"algorithm.name={name})"
             )
         if name not in OFFLINE_ALGORITHMS:
             if not self.rewards:
@@ -402,8 +403,6 @@ class RecipeConfig(_Section):
             raise ValueError(f"preference.precompute_reference: only dpo has a reference model (got {name})")
         if self.sft.packing:
             raise ValueError("sft.packing: not available yet; allowed: false")
-        if name == "reward_model" and self.model.lora is not None:
-            raise ValueError("model.lora: reward_model trains full weights only for now; set model.lora=null")
         return self
 
     @model_validator(mode="after")

@@ -62,19 +62,27 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-actor weight-loading bars would interleave with the run's progress bar
-    extra = {}
-    if quantize != "none":
-        from transformers import BitsAndBytesConfig
-
-        if quantize not in ("nf4", "fp4"):
-            raise ValueError(f"unknown quantize {quantize!r}; allowed: none, nf4, fp4")
-        extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=torch_dtype(dtype)
-        )
-        extra["device_map"] = "cpu"
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **extra
+        resolve_model_path(name_or_path),
+        dtype=torch_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+        **quantization_kwargs(quantize, dtype),
     )
+
+
+def quantization_kwargs(quantize: str, dtype: str) -> dict:
+    """`from_pretrained` keyword arguments that load the linear layers 4-bit (bitsandbytes "nf4" / "fp4", computed in
+    `dtype`, on CPU), or none for "none"."""
+    if quantize == "none":
+        return {}
+    if quantize not in ("nf4", "fp4"):
+        raise ValueError(f"unknown quantize {quantize!r}; allowed: none, nf4, fp4")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=torch_dtype(dtype)
+    )
+    return {"quantization_config": config, "device_map": "cpu"}
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "left"):

@@ -37,17 +37,25 @@ def apply_lora(model: nn.Module, settings: LoraSettings):
     """Wrap `model` with fresh LoRA adapters (B = 0, so the output is unchanged at first); returns a `PeftModel`.
 
     Only the adapter weights are trainable afterwards. The base model is modified in place (layers replaced).
+    A sequence-classification model (a reward model) also trains its new `score` head in full (peft's
+    `modules_to_save`): a random head frozen under LoRA could not learn.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
+    classifier = _is_sequence_classifier(model)
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if classifier else TaskType.CAUSAL_LM,
+        modules_to_save=["score"] if classifier else None,
     )
     return get_peft_model(model, config)
+
+
+def _is_sequence_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def merged_state_dict(model: nn.Module, only_lora_targets: bool = False) -> dict[str, torch.Tensor]:
@@ -153,13 +161,14 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 
 def _plain_copy(peft_model) -> nn.Module:
     """A fresh plain model of the base architecture on CPU holding the merged weights (costs one model of memory)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     base = peft_model.get_base_model()
     state = merged_state_dict(peft_model)
-    plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+    auto = AutoModelForSequenceClassification if _is_sequence_classifier(base) else AutoModelForCausalLM
+    plain = auto.from_config(base.config, dtype=base.dtype)
     plain.load_state_dict(state, strict=True)
-    if base.generation_config is not None:
+    if getattr(base, "generation_config", None) is not None:
         plain.generation_config = base.generation_config
     return plain
 

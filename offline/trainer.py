@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from posttrain.config import RecipeConfig, check_resumable, dump_config
 from posttrain.data.sources import batch_indices
-from posttrain.models.loading import load_model, load_tokenizer, resolve_model_path, torch_dtype
+from posttrain.models.loading import load_model, load_tokenizer, quantization_kwargs, resolve_model_path, torch_dtype
 from posttrain.models.lora import LoraSettings, apply_lora, save_merged
 from posttrain.offline import objectives as obj
 from posttrain.offline.data import ChatTokenizer, preference_pairs, sft_sequences
@@ -75,19 +75,22 @@ def load_policy(cfg: RecipeConfig, model_path: str, tokenizer):
 
         torch.manual_seed(cfg.seed)  # the new score head's initialisation
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=1, dtype=torch_dtype(cfg.model.dtype)
+            model_path,
+            num_labels=1,
+            dtype=torch_dtype(cfg.model.dtype),
+            **quantization_kwargs(cfg.model.quantize, cfg.model.dtype),
         )
         if model.config.pad_token_id is None:  # transformers finds the last real token through the pad id
             model.config.pad_token_id = tokenizer.pad_token_id
-        return model
-    model = load_model(model_path, dtype=cfg.model.dtype, quantize=cfg.model.quantize)
+    else:
+        model = load_model(model_path, dtype=cfg.model.dtype, quantize=cfg.model.quantize)
     lora = cfg.model.lora
     if lora is not None:
         model = apply_lora(model, LoraSettings(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules)))
     return model
 
 
-def full_precision_copy(cfg: RecipeConfig, model_path: str, qlora_model):
+def full_precision_copy(cfg: RecipeConfig, model_path: str, qlora_model, tokenizer):
     """The QLoRA adapter on a fresh full-precision base, for saving a plain merged folder.
 
     Deviation, stated: the merge uses the original `model.dtype` base weights, not their 4-bit rounding that the
@@ -96,7 +99,7 @@ def full_precision_copy(cfg: RecipeConfig, model_path: str, qlora_model):
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     plain_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantize": "none"})})
-    copy = load_policy(plain_cfg, model_path, tokenizer=None)
+    copy = load_policy(plain_cfg, model_path, tokenizer)
     set_peft_model_state_dict(copy, get_peft_model_state_dict(qlora_model))
     return copy
 
@@ -234,7 +237,7 @@ class OfflineTrainer:
 
     def finish(self) -> Path:
         quantized = self.cfg.model.quantize != "none"
-        final = full_precision_copy(self.cfg, self.model_path, self.model) if quantized else self.model
+        final = full_precision_copy(self.cfg, self.model_path, self.model, self.tokenizer) if quantized else self.model
         save_merged(final, self.tokenizer, self.run_dir / "final")
         self.logger.close()
         rows = read_metrics(self.run_dir)

@@ -251,3 +251,28 @@ def test_a_trained_reward_model_scores_the_same_through_the_reward_model_reward(
     # the reward scores the text training saw (chat template, end-of-turn included), so the scores agree
     assert scorer.score(prompts, completions) == pytest.approx(ours, abs=1e-5)
     assert len(set(round(s, 4) for s in ours)) > 1  # not a constant head
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_lora_reward_model_trains_adapters_and_its_head_and_saves_a_plain_classifier(tmp_path, tiny_path, quantize):
+    if quantize != "none":
+        pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.offline import objectives as obj
+
+    model = {"lora": {"rank": 4}, "quantize": quantize}
+    cfg = offline_config(tmp_path, tiny_path, "reward_model", PREFERENCE_ROWS, model=model, train={"steps": 3})
+    trainer = OfflineTrainer(cfg)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and all("lora_" in n or "score" in n for n in trainable)
+    run = trainer.run()
+    saved = AutoModelForSequenceClassification.from_pretrained(run / "final").eval()
+    trainer.model.eval()
+    batch = obj.pair_batch(trainer.rows, trainer.pad_id)
+    with torch.no_grad():
+        ours, theirs = obj.reward_scores(trainer.model, batch), obj.reward_scores(saved, batch)
+    if quantize == "none":  # the merged folder computes what the adapter model computes
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    else:  # merged into the full-precision base: close to the 4-bit model, not equal
+        assert (theirs - ours).abs().max() < 0.5 * ours.abs().max()
