@@ -267,7 +267,8 @@ class SFTConfig(_Section):
     completion_only: bool = True
     """loss on completion tokens only (assistant turns for `messages` rows); False: on every token"""
     packing: bool = False
-    """pack several rows into one sequence (not available yet)"""
+    """pack consecutive rows into sequences of up to train.max_length tokens (attention kept within each row);
+    train.batch_size then counts packed sequences"""
 
 
 class RewardModelConfig(_Section):
@@ -401,8 +402,8 @@ class RecipeConfig(_Section):
             raise ValueError("preference.label_smoothing: only used by algorithm.name=dpo with loss_type=robust")
         if pref.precompute_reference and name != "dpo":
             raise ValueError(f"preference.precompute_reference: only dpo has a reference model (got {name})")
-        if self.sft.packing:
-            raise ValueError("sft.packing: not available yet; allowed: false")
+        if self.sft.packing and name != "sft":
+            raise ValueError(f"sft.packing: only algorithm.name=sft packs sequences (got {name})")
         return self
 
     @model_validator(mode="after")

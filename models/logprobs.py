@@ -30,6 +30,7 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = True,
     completion_start: int | None = None,
+    position_ids_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probability of each token under the model's tempered next-token distribution, and that entropy.
 
@@ -42,6 +43,9 @@ def token_logprobs(
         completion_start: column S where every row's completion starts (prompts left-padded to S, completions
             right-padded after it). The LM head then runs only on positions S-1..T-2 (`logits_to_keep`), which
             with a large vocabulary saves most of its cost, and both outputs cover columns S..T-1 only: [B, T-S].
+        position_ids_BT: packed rows (several sequences one after the other, right-padded): each sequence's positions
+            restart at 0. The model then gets no attention mask, so transformers builds a block-diagonal causal mask
+            from the restarts (`find_packed_sequence_indices`); `attention_mask_BT` still marks the padding to zero.
     Returns:
         logprobs_BT: [B, T] float32, `log softmax(logits[:, t-1] / temperature)[input_ids[:, t]]`; column 0 (no
             prediction) and padded positions are 0. Gradients flow into the model. Callers mask prompt positions.
@@ -53,10 +57,11 @@ def token_logprobs(
     if not 0 <= start < input_ids_BT.shape[1]:
         raise ValueError(f"completion_start must be in [1, {input_ids_BT.shape[1]}), got {completion_start}")
     extra = {"logits_to_keep": input_ids_BT.shape[1] - start + 1} if start else {}
+    packed = position_ids_BT is not None
     output = model(
         input_ids=input_ids_BT,
-        attention_mask=attention_mask_BT,
-        position_ids=position_ids_from_mask(attention_mask_BT),
+        attention_mask=None if packed else attention_mask_BT,
+        position_ids=position_ids_BT if packed else position_ids_from_mask(attention_mask_BT),
         use_cache=False,
         **extra,
     )

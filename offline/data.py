@@ -27,10 +27,14 @@ PREFERENCE_COLUMNS = ("chosen", "rejected")
 
 @dataclass
 class Sequence:
-    """One tokenized training sequence: `input_ids` and a same-length 0/1 `loss_mask` (1 = supervised token)."""
+    """One tokenized training sequence: `input_ids` and a same-length 0/1 `loss_mask` (1 = supervised token).
+
+    A packed row (`pack_sequences`) also has `position_ids`, restarting at 0 where each packed sequence starts.
+    """
 
     input_ids: list[int]
     loss_mask: list[int]
+    position_ids: list[int] | None = None
 
 
 @dataclass
@@ -174,7 +178,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def sft_sequences(cfg: RecipeConfig, tok: ChatTokenizer) -> list[Sequence]:
-    """Tokenized SFT rows (`messages`, or the prompt column + `completion`), too-long rows truncated or dropped."""
+    """Tokenized SFT rows (`messages`, or the prompt column + `completion`), too-long rows truncated or dropped;
+    packed into rows of `train.max_length` tokens with `sft.packing`."""
     name, rows = read_rows(cfg)
     prompt_column = cfg.data.prompt_column
     out, dropped = [], 0
@@ -198,7 +203,25 @@ def sft_sequences(cfg: RecipeConfig, tok: ChatTokenizer) -> list[Sequence]:
         dropped += seq is None
         if seq is not None:
             out.append(seq)
-    return _report_dropped(out, dropped, name, tok.max_length)
+    out = _report_dropped(out, dropped, name, tok.max_length)
+    return pack_sequences(out, tok.max_length) if cfg.sft.packing else out
+
+
+def pack_sequences(sequences: list[Sequence], max_length: int) -> list[Sequence]:
+    """Concatenate consecutive sequences into rows of at most `max_length` tokens (in order, a new row whenever the
+    next one does not fit). Positions restart at 0 for each sequence, and its first token carries no loss (it is
+    never predicted: the token before it belongs to another sequence), exactly as when the sequence is alone."""
+    packs: list[Sequence] = []
+    for seq in sequences:
+        n = len(seq.input_ids)
+        if packs and len(packs[-1].input_ids) + n <= max_length:
+            row = packs[-1]
+            row.input_ids += seq.input_ids
+            row.loss_mask += [0] + seq.loss_mask[1:]
+            row.position_ids += list(range(n))
+        else:
+            packs.append(Sequence(list(seq.input_ids), [0] + seq.loss_mask[1:], list(range(n))))
+    return packs
 
 
 def preference_pairs(cfg: RecipeConfig, tok: ChatTokenizer) -> list[PreferencePair]:

@@ -31,11 +31,13 @@ from posttrain.rl.losses import (
 
 @dataclass
 class PaddedBatch:
-    """Right-padded sequences: `input_ids_BT`, `attention_mask_BT` and `loss_mask_BT` (0 on column 0 and padding)."""
+    """Right-padded sequences: `input_ids_BT`, `attention_mask_BT` and `loss_mask_BT` (0 on column 0 and padding);
+    `position_ids_BT` for packed rows (positions restart per packed sequence and run on through the padding)."""
 
     input_ids_BT: Tensor
     attention_mask_BT: Tensor
     loss_mask_BT: Tensor
+    position_ids_BT: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
@@ -53,7 +55,14 @@ def collate(sequences: list[Sequence], pad_id: int) -> PaddedBatch:
         attention_BT[i, :n] = 1
         loss_BT[i, :n] = torch.tensor(seq.loss_mask, dtype=torch.float32)
     loss_BT[:, 0] = 0  # token 0 has no prediction
-    return PaddedBatch(ids_BT, attention_BT, loss_BT)
+    if sequences[0].position_ids is None:
+        return PaddedBatch(ids_BT, attention_BT, loss_BT)
+    positions_BT = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        n = len(seq.position_ids)
+        positions_BT[i, :n] = torch.tensor(seq.position_ids)
+        positions_BT[i, n:] = torch.arange(seq.position_ids[-1] + 1, seq.position_ids[-1] + 1 + width - n)
+    return PaddedBatch(ids_BT, attention_BT, loss_BT, positions_BT)
 
 
 def pair_batch(pairs: list[PreferencePair], pad_id: int) -> PaddedBatch:
@@ -63,7 +72,9 @@ def pair_batch(pairs: list[PreferencePair], pad_id: int) -> PaddedBatch:
 
 def logprobs(model: nn.Module, batch: PaddedBatch) -> Tensor:
     """[B, T] log-probs of each token (0 at column 0 and padding), with gradient unless called under no_grad."""
-    lp_BT, _ = token_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, with_entropy=False)
+    lp_BT, _ = token_logprobs(
+        model, batch.input_ids_BT, batch.attention_mask_BT, with_entropy=False, position_ids_BT=batch.position_ids_BT
+    )
     return lp_BT
 
 

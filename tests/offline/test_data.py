@@ -4,7 +4,7 @@ import pytest
 
 from posttrain.data.sources import DataError
 from posttrain.models.loading import load_tokenizer
-from posttrain.offline.data import ChatTokenizer, preference_pairs, sft_sequences
+from posttrain.offline.data import ChatTokenizer, Sequence, pack_sequences, preference_pairs, sft_sequences
 
 from .conftest import PREFERENCE_ROWS, offline_config
 
@@ -118,3 +118,12 @@ def test_every_row_too_long_is_an_error_naming_the_key(tmp_path, tiny_path, tok)
     cfg = offline_config(tmp_path, tiny_path, "sft", [{"prompt": "a long prompt", "completion": "x"}])
     with pytest.raises(DataError, match="train.max_length=4"):
         sft_sequences(cfg, ChatTokenizer(tok, None, True, 4))
+
+
+def test_packing_fills_rows_in_order_restarts_positions_and_masks_each_first_token():
+    seqs = [Sequence([1, 2, 3], [0, 1, 1]), Sequence([4, 5], [1, 1]), Sequence([6, 7, 8, 9], [0, 0, 1, 1])]
+    packs = pack_sequences(seqs, max_length=6)
+    assert [p.input_ids for p in packs] == [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
+    assert [p.position_ids for p in packs] == [[0, 1, 2, 0, 1], [0, 1, 2, 3]]
+    # token 4 starts a sequence: predicted from token 3 of another one, so it carries no loss
+    assert [p.loss_mask for p in packs] == [[0, 1, 1, 0, 1], [0, 0, 1, 1]]

@@ -180,7 +180,7 @@ def test_offline_recipes_need_no_rewards_but_online_ones_do(tmp_path):
         ("preference.loss_type=kto", "`preference.loss_type`: Input should be 'sigmoid', 'ipo', 'hinge' or 'robust'"),
         ("algorithm.name=orpo", None),
         ("eval.data={kind: file, path: x.jsonl}", "eval.data: held-out evaluation is not available for dpo yet"),
-        ("sft.packing=true", "sft.packing: not available yet"),
+        ("sft.packing=true", "sft.packing: only algorithm.name=sft packs sequences (got dpo)"),
         ("train.epochs=0", "`train.epochs`: Input should be greater than 0"),
         ("preference.betta=1", "unknown key `preference.betta` (did you mean `preference.beta`?)"),
     ],
@@ -276,3 +276,25 @@ def test_lora_reward_model_trains_adapters_and_its_head_and_saves_a_plain_classi
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     else:  # merged into the full-precision base: close to the 4-bit model, not equal
         assert (theirs - ours).abs().max() < 0.5 * ours.abs().max()
+
+
+@pytest.mark.parametrize("rows, completion_only", [(SFT_ROWS, True), (CHAT_ROWS, True), (CHAT_ROWS, False)])
+def test_packed_and_padded_sft_give_the_same_loss_and_gradient(tmp_path, tiny_path, rows, completion_only):
+    results = {}
+    for packing in (False, True):
+        cfg = offline_config(
+            tmp_path / str(packing),
+            tiny_path,
+            "sft",
+            rows,
+            sft={"packing": packing, "completion_only": completion_only},
+            train={"max_length": 512, "max_grad_norm": 1e9},
+        )
+        trainer = OfflineTrainer(cfg)
+        assert len(trainer.rows) == (1 if packing else 4)  # all four sequences fit in one packed row
+        results[packing] = (trainer.train_step(list(range(len(trainer.rows)))), _grads(trainer))
+    (m_pad, g_pad), (m_pack, g_pack) = results[False], results[True]
+    # equal only if attention stays inside each packed sequence and the positions restart
+    assert m_pack["loss"] == pytest.approx(m_pad["loss"], abs=1e-5)
+    for key in g_pad:
+        torch.testing.assert_close(g_pack[key], g_pad[key], atol=1e-5, rtol=1e-4)
