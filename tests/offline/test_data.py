@@ -6,7 +6,7 @@ from posttrain.data.sources import DataError
 from posttrain.models.loading import load_tokenizer
 from posttrain.offline.data import ChatTokenizer, Sequence, pack_sequences, preference_pairs, sft_sequences
 
-from .conftest import PREFERENCE_ROWS, offline_config
+from .conftest import PREFERENCE_ROWS, offline_config, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,16 @@ def test_packing_fills_rows_in_order_restarts_positions_and_masks_each_first_tok
     assert [p.position_ids for p in packs] == [[0, 1, 2, 0, 1], [0, 1, 2, 3]]
     # token 4 starts a sequence: predicted from token 3 of another one, so it carries no loss
     assert [p.loss_mask for p in packs] == [[0, 1, 1, 0, 1], [0, 0, 1, 1]]
+
+
+def test_a_local_dataset_folder_is_read_through_datasets(tmp_path, tiny_path, tok):
+    pytest.importorskip("datasets")
+    from posttrain.config import validate_config
+
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", PREFERENCE_ROWS)
+    raw = {"model": {"path": str(tiny_path)}, "algorithm": {"name": "dpo"}}
+    cfg = validate_config({**raw, "data": {"kind": "hub", "name": str(folder), "limit": 3}})
+    pairs = preference_pairs(cfg, ChatTokenizer(tok, None, True, 512))
+    assert len(pairs) == 3 and _supervised_text(tok, pairs[2].rejected) == "one<|im_end|>\n"

@@ -298,3 +298,13 @@ def test_packed_and_padded_sft_give_the_same_loss_and_gradient(tmp_path, tiny_pa
     assert m_pack["loss"] == pytest.approx(m_pad["loss"], abs=1e-5)
     for key in g_pad:
         torch.testing.assert_close(g_pack[key], g_pad[key], atol=1e-5, rtol=1e-4)
+
+
+def test_epochs_set_the_number_of_steps_and_the_logged_epoch(tmp_path, tiny_path):
+    train = {"epochs": 1.5, "batch_size": 2, "micro_batch_size": 2}
+    cfg = offline_config(tmp_path, tiny_path, "orpo", PREFERENCE_ROWS, train=train)
+    trainer = OfflineTrainer(cfg)
+    assert trainer.total_steps == 3  # ceil(1.5 * 4 rows / 2 per step)
+    run = trainer.run()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0.5, 1.0, 1.5]
