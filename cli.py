@@ -55,6 +55,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, overrides)
     if cfg.eval.data is None:
         raise ConfigError(f"{args.recipe}: `eval.data` is not set; add an eval dataset to the recipe or override it")
+    if not cfg.rewards:  # an opd recipe may have none
+        raise ConfigError(f"{args.recipe}: `rewards` is empty; evaluation scores accuracy with the recipe's rewards")
     result = evaluate_recipe(cfg)
     print(f"{'metric':<32}{'value':>10}")
     for key, value in result["metrics"].items():

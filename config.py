@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 OFFLINE_ALGORITHMS = ("sft", "dpo", "orpo", "reward_model")
 """algorithms that train on a dataset in the CLI process (no rollouts, no Ray)"""
-ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft")
+ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "opd")
 """algorithms that generate, score and learn every step (`rl/grpo.py`'s trainer, through Ray)"""
 TRACE_ALGORITHMS = ("distill", "rft_offline")
 """generate -> verify -> keep a dataset once, then SFT on it (`distill/`): a teacher's traces, or the model's own"""
@@ -153,6 +153,7 @@ class AlgorithmConfig(_Section):
         "reinforce_pp",
         "reinforce_pp_baseline",
         "rft",
+        "opd",
         "sft",
         "dpo",
         "orpo",
@@ -160,8 +161,8 @@ class AlgorithmConfig(_Section):
         "distill",
         "rft_offline",
     ] = "grpo"
-    """the algorithm: online (grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft; see ONLINE_ALGORITHMS) or offline
-    on a dataset (sft, dpo, orpo, reward_model; see OFFLINE_ALGORITHMS)"""
+    """the algorithm: online (grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft, opd = on-policy distillation; see
+    ONLINE_ALGORITHMS) or offline on a dataset (sft, dpo, orpo, reward_model; see OFFLINE_ALGORITHMS)"""
     prompts_per_step: int = Field(8, ge=1)
     """distinct prompts per optimizer step"""
     samples_per_prompt: int = Field(4, ge=1)
@@ -216,8 +217,10 @@ class AlgorithmConfig(_Section):
                 "algorithm.dynamic_sampling: needs >= 2 samples per prompt and a policy-gradient algorithm "
                 f"(got {group} with {self.name}; rft learns from groups that all pass too)"
             )
-        if self.advantage_std != "group" and self.name != "grpo":
-            raise ValueError(f"algorithm.advantage_std: only grpo divides by a std (got {self.name}); leave it unset")
+        if self.advantage_std != "group" and self.name not in ("grpo", "opd"):
+            raise ValueError(
+                f"algorithm.advantage_std: only grpo and opd divide by a std (got {self.name}); leave it unset"
+            )
         if self.name == "rft" and self.kl_in == "reward":
             raise ValueError("algorithm.kl_in: rft has no reward in its loss; allowed: loss")
         if self.rft_keep == "all" and self.rft_min_reward is None:
@@ -297,6 +300,23 @@ class TracesConfig(_Section):
     """problems generated per chunk: the unit of progress that an interrupted run resumes after"""
 
 
+class OPDConfig(_Section):
+    teacher: str | None = None
+    """algorithm.name=opd: the teacher (folder, hub id or alias); it must share the student's tokenizer"""
+    loss: Literal["reverse_kl", "jsd"] = "reverse_kl"
+    """reverse_kl: lp_teacher - lp_student per sampled token as a dense advantage in the policy loss; jsd: the
+    generalised JSD over the whole vocabulary (the teacher's full logits per micro-batch; see `opd.beta`)"""
+    beta: float = Field(0.5, ge=0, le=1)
+    """loss=jsd: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher), between = generalised JSD"""
+    reward_coef: float = Field(0.0, ge=0)
+    """weight of the recipe's rewards as a group-relative advantage added to the distillation signal (0 = none;
+    rewards are then optional and, if given, only logged)"""
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """the teacher's weights dtype (default: model.dtype)"""
+    teacher_batch_size: int = Field(8, ge=1)
+    """sequences per teacher forward pass"""
+
+
 class EvalConfig(_Section):
     data: DataSource | None = None
     """held-out problems (none = no evaluation)"""
@@ -352,6 +372,8 @@ class RecipeConfig(_Section):
     reward_model: RewardModelConfig = RewardModelConfig()
     traces: TracesConfig = TracesConfig()
     """distill / rft_offline: how traces are generated and kept"""
+    opd: OPDConfig = OPDConfig()
+    """on-policy distillation (algorithm.name=opd): the teacher and the loss"""
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -390,7 +412,7 @@ class RecipeConfig(_Section):
                 f"algorithm.name={name})"
             )
         if name not in OFFLINE_ALGORITHMS:
-            if not self.rewards:
+            if not self.rewards and not (name == "opd" and self.opd.reward_coef == 0):
                 raise ValueError(f"rewards: algorithm.name={name} needs at least one reward function")
             return self
         if self.data.kind not in ("file", "hub"):
@@ -415,6 +437,28 @@ class RecipeConfig(_Section):
             raise ValueError("traces.teacher: rft_offline samples the model itself; use algorithm.name=distill")
         if traces.keep == "all" and traces.min_reward is None:
             raise ValueError("traces.min_reward: keep=all needs a threshold (none would keep every trace)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_opd(self) -> RecipeConfig:
+        algo, opd = self.algorithm, self.opd
+        if algo.name != "opd":
+            if opd.model_fields_set:
+                raise ValueError(f"opd: only algorithm.name=opd uses this section (got {algo.name}); remove it")
+            return self
+        if opd.teacher is None:
+            raise ValueError("opd.teacher: algorithm.name=opd needs the teacher model (a folder, hub id or alias)")
+        if "beta" in opd.model_fields_set and opd.loss != "jsd":
+            raise ValueError("opd.beta: only opd.loss=jsd uses it (reverse_kl is the beta=1 case, sampled)")
+        if opd.reward_coef > 0 and algo.samples_per_prompt < 2 and algo.advantage_std != "batch":
+            raise ValueError(
+                "algorithm.samples_per_prompt: opd.reward_coef > 0 uses group-relative advantages, which need >= 2 "
+                f"samples per prompt (got {algo.samples_per_prompt}); raise it or set algorithm.advantage_std=batch"
+            )
+        if algo.dynamic_sampling:
+            raise ValueError("algorithm.dynamic_sampling: opd learns from every sample (the teacher grades each token)")
+        if algo.kl_in == "reward" and algo.kl_coef > 0:
+            raise ValueError("algorithm.kl_in: opd puts its own per-token signal in the advantage; allowed: loss")
         return self
 
     def reward_names(self) -> list[str]:

@@ -94,6 +94,39 @@ def token_logprobs(
     return logprobs_BT, entropy_BT
 
 
+def completion_logits(
+    model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, completion_start: int
+) -> torch.Tensor:
+    """The untempered next-token logits that predict each completion token, float32 [B, C, V] (C = T - start):
+    column j predicts `input_ids[:, start + j]`. The LM head runs on those positions only (`logits_to_keep`), as in
+    `token_logprobs`. Memory: B * C * V floats (with a 150k vocabulary, 0.6 MB per token), so keep B * C small."""
+    if not 0 < completion_start < input_ids_BT.shape[1]:
+        raise ValueError(f"completion_start must be in [1, {input_ids_BT.shape[1]}), got {completion_start}")
+    output = model(
+        input_ids=input_ids_BT,
+        attention_mask=attention_mask_BT,
+        position_ids=position_ids_from_mask(attention_mask_BT),
+        use_cache=False,
+        logits_to_keep=input_ids_BT.shape[1] - completion_start + 1,
+    )
+    return output.logits[:, :-1].float()  # positions start-1 .. T-2 predict columns start .. T-1
+
+
+def logprobs_from_logits(
+    logits_BCV: torch.Tensor, targets_BC: torch.Tensor, valid_BC: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [B, C] of `targets_BC` under `softmax(logits / temperature)` (with gradient), entropy [B, C] (no
+    gradient)); both 0 where `valid_BC` is 0. The same numbers `token_logprobs` gives from the same logits."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    tempered_NV = (logits_BCV / temperature).reshape(-1, logits_BCV.shape[-1])  # N = B*C
+    lse_N, entropy_N = _chunked_lse_and_entropy(tempered_NV, True)
+    logprobs_N = tempered_NV.gather(-1, targets_BC.reshape(-1, 1)).squeeze(-1) - lse_N
+    valid = valid_BC.bool()
+    zeros = torch.zeros_like(targets_BC, dtype=logprobs_N.dtype)
+    return torch.where(valid, logprobs_N.view_as(zeros), zeros), torch.where(valid, entropy_N.view_as(zeros), zeros)
+
+
 def _chunked_lse_and_entropy(logits_NV: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Row-wise logsumexp (differentiable) and entropy (no grad) of [N, V] logits, in chunks of rows.
 

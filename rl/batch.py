@@ -35,6 +35,8 @@ class TrainBatch:
     """lp_old: the learner's log-probs before this rollout batch's first update (None: the learner computes them)"""
     ref_logprobs_BC: torch.Tensor | None = None
     """the reference model's log-probs (None: the learner computes them if it has a reference)"""
+    teacher_logprobs_BC: torch.Tensor | None = None
+    """on-policy distillation: the teacher's log-prob of each completion token (0 on padding)"""
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
@@ -70,6 +72,7 @@ class TrainBatch:
             token_advantages_BC=rows_bc(self.token_advantages_BC),
             old_logprobs_BC=rows_bc(self.old_logprobs_BC),
             ref_logprobs_BC=rows_bc(self.ref_logprobs_BC),
+            teacher_logprobs_BC=rows_bc(self.teacher_logprobs_BC),
         )
 
 

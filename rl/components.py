@@ -40,14 +40,15 @@ def load_reward_specs(cfg: RecipeConfig, base_dir: str = ".") -> list[RewardSpec
 
 def start_scorer(cfg: RecipeConfig, specs: list[RewardSpec]) -> Scorer:
     """The reward scorer of a run: `scoring.workers` Ray actors, or this process when it is 0."""
-    if cfg.scoring.workers == 0:
+    if cfg.scoring.workers == 0 or not specs:  # no rewards (on-policy distillation may have none): nothing to run
         return LocalScorer(specs)
     entries = [entry.model_dump() for entry in cfg.rewards]
     return RewardPool(entries, specs, workers=cfg.scoring.workers, timeout=cfg.scoring.timeout)
 
 
-def accuracy_reward_name(cfg: RecipeConfig) -> str:
-    return cfg.eval.accuracy_reward or cfg.reward_names()[0]
+def accuracy_reward_name(cfg: RecipeConfig) -> str | None:
+    """The reward that counts as accuracy in evaluation; None when the recipe has no reward (opd may have none)."""
+    return cfg.eval.accuracy_reward or next(iter(cfg.reward_names()), None)
 
 
 class PromptFormatter:
@@ -104,7 +105,9 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         max_grad_norm=train.max_grad_norm,
         micro_batch_size=train.micro_batch_size,
         temperature=cfg.rollout.temperature,
-        loss="sft" if algo.name == "rft" else "policy",
+        loss={"rft": "sft", "opd": f"opd_{cfg.opd.loss}"}.get(algo.name, "policy"),
+        opd_beta=cfg.opd.beta,
+        reward_coef=cfg.opd.reward_coef,
         eps_low=algo.eps_low,
         eps_high=algo.eps_high,
         dual_clip=algo.dual_clip,
@@ -120,8 +123,9 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
     )
 
 
-def start_learner(cfg: RecipeConfig, model_path: str):
-    learner = Learner.options(num_cpus=0).remote(learner_settings(cfg, model_path))
+def start_learner(cfg: RecipeConfig, model_path: str, teacher=None):
+    """The learner actor, ready; `teacher` is on-policy distillation's teacher actor (the jsd loss asks it)."""
+    learner = Learner.options(num_cpus=0).remote(learner_settings(cfg, model_path), teacher)
     ray.get(learner.ready.remote())
     return learner
 

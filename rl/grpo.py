@@ -4,7 +4,8 @@ One trainer runs every online `algorithm.name` except PPO:
   - `grpo` (DeepSeekMath 2402.03300): G completions per prompt, rewards normalised within the group, clipped
     policy-gradient step; with the config's variants (clip-higher, dual clip, GSPO ratio, reductions, std);
   - `rloo` (2402.14740) and `reinforce_pp` / `reinforce_pp_baseline` (2501.03262): other advantages, same loss;
-  - `rft`: keep the best / verified completions per prompt and take an SFT step on them (`rl/rft.py`).
+  - `rft`: keep the best / verified completions per prompt and take an SFT step on them (`rl/rft.py`);
+  - `opd`: on-policy distillation, a teacher actor grades every sampled token (`rl/opd.py`, `rl/teacher.py`).
 Options shared by the policy-gradient ones: DAPO's dynamic sampling (drop zero-variance groups, generate more
 prompts to refill, at most `max_refill_rounds` extra rounds), several updates per rollout batch, and the KL to the
 reference in the loss or in the reward. This module only wires components; the math lives in `rl/advantages*.py`,
@@ -35,7 +36,8 @@ from posttrain.rl.algorithms import online_advantages
 from posttrain.rl.batch import TrainBatch, collate
 from posttrain.rl.evaluation import eval_params, score_eval
 from posttrain.rl.kl import kl_estimate
-from posttrain.rl.report import plot_curves, summary_table
+from posttrain.rl.opd import heldout_reverse_kl, opd_batch, start_opd_teacher, teacher_path
+from posttrain.rl.report import CURVES, OPD_CURVES, plot_curves, summary_table
 from posttrain.rl.rft import rft_keep_mask
 from posttrain.rl.run_dir import (
     RunLogger,
@@ -125,13 +127,15 @@ class OnlineTrainer:
         self.specs = components.load_reward_specs(cfg)
         self.train_rows, self.eval_rows = components.load_data(cfg)
         self.model_path = components.model_path_of(cfg)
+        teacher = teacher_path(cfg, self.model_path) if cfg.algorithm.name == "opd" else None  # tokenizers checked
         self.format = components.PromptFormatter(cfg, self.model_path)
         self.accuracy_name = components.accuracy_reward_name(cfg)
         self.run_dir, self.start_step, resume_ckpt = self._open_run_dir()
         components.init_ray(cfg)
         self.scorer = components.start_scorer(cfg, self.specs)
         self.pool: RolloutPool = components.start_rollout_pool(cfg, self.model_path)
-        self.learner = components.start_learner(cfg, self.model_path)
+        self.teacher = start_opd_teacher(cfg, teacher) if teacher else None
+        self.learner = components.start_learner(cfg, self.model_path, self.teacher)
         if resume_ckpt is not None:
             ray.get(self.learner.load_checkpoint.remote(str(resume_ckpt)))
             self._sync_weights()
@@ -180,6 +184,8 @@ class OnlineTrainer:
 
     def score_samples(self, samples: list[Sample]):
         """Every reward function on the samples (the one place training scores rewards)."""
+        if not self.specs:  # on-policy distillation without rewards: the teacher is the only signal
+            return RewardScores([0.0] * len(samples))
         return score(samples, self.scorer, self.cfg.algorithm.on_reward_error, self.cfg.algorithm.samples_per_prompt)
 
     def _sync_weights(self) -> float:
@@ -192,10 +198,17 @@ class OnlineTrainer:
         e, r = self.cfg.eval, self.cfg.rollout
         start = time.perf_counter()
         params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, self.cfg.seed + step)
-        results = self.pool.generate(self.format(self.eval_rows), params)
-        metrics, _ = score_eval(
-            self.eval_rows, results, self.scorer, self.accuracy_name, self.cfg.algorithm.on_reward_error
-        )
+        metrics = {}
+        if self.accuracy_name is not None:
+            results = self.pool.generate(self.format(self.eval_rows), params)
+            metrics, _ = score_eval(
+                self.eval_rows, results, self.scorer, self.accuracy_name, self.cfg.algorithm.on_reward_error
+            )
+        if self.teacher is not None:  # sampled at the training temperature: a reverse-KL estimate needs samples
+            sampled = self.pool.generate(self.format(self.eval_rows), replace(self._sampling(step), n=1))
+            samples = to_samples(self.eval_rows, sampled)
+            pad_id = self.format.tokenizer.pad_token_id
+            metrics["eval/reverse_kl"] = heldout_reverse_kl(samples, pad_id, self.learner, self.teacher)
         metrics["time/eval"] = time.perf_counter() - start
         return metrics
 
@@ -296,6 +309,9 @@ class OnlineTrainer:
         t2 = time.perf_counter()
         if self.cfg.algorithm.name == "rft":
             batch, batch_metrics = self.rft_batch(rollout)
+        elif self.cfg.algorithm.name == "opd":
+            pad_id = self.format.tokenizer.pad_token_id
+            batch, batch_metrics = opd_batch(self.cfg, rollout.samples, rollout.totals, pad_id, self.teacher)
         elif rollout.rows:
             batch, batch_metrics = self.policy_batch(rollout)
         else:
@@ -312,7 +328,7 @@ class OnlineTrainer:
             **train_metrics,
             **batch_metrics,
             **rollout.metrics,
-            **reward_metrics(rollout.scores),
+            **(reward_metrics(rollout.scores) if self.specs else {}),
             "skipped_samples": len(rollout.scores.skipped),
             "response_length/mean": sum(lengths) / len(lengths),
             "response_length/max": max(lengths),
@@ -336,7 +352,8 @@ class OnlineTrainer:
         if self.start_step == 0 and self.eval_rows:
             before = self.evaluate(0)
             self.logger.log(0, before)
-            print(f"eval before training: accuracy {before['eval/accuracy']:.3f}", file=sys.stderr)
+            shown = {k: round(v, 4) for k, v in before.items() if k in ("eval/accuracy", "eval/reverse_kl")}
+            print(f"eval before training: {shown}", file=sys.stderr)
         bar = tqdm(
             total=total,
             initial=self.start_step,
@@ -375,7 +392,7 @@ class OnlineTrainer:
         self.scorer.close()
         self.logger.close()
         rows = read_metrics(self.run_dir)
-        plot_curves(rows, self.run_dir / "curves.png")
+        plot_curves(rows, self.run_dir / "curves.png", OPD_CURVES if self.teacher is not None else CURVES)
         print(summary_table(rows))
         print(f"run folder: {self.run_dir}")
         return self.run_dir

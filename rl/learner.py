@@ -1,10 +1,15 @@
 """The learner: policy (+ LoRA), optimizer, LR schedule; `train_step` turns one rollout batch into updates.
 
-Runs as a Ray actor (`Learner`) or in-process (`LearnerImpl`). Two losses, named by `LearnerSettings.loss`:
+Runs as a Ray actor (`Learner`) or in-process (`LearnerImpl`). Four losses, named by `LearnerSettings.loss`:
   - `"policy"`: the clipped surrogate (GRPO, DeepSeekMath 2402.03300 eq. 3; RLOO and REINFORCE++ use it too, where
     with one update per batch it is exactly REINFORCE), per token or with GSPO's sequence ratio, plus an optional
     KL to the reference (estimator k1/k2/k3) in the loss, reduced as the config says;
-  - `"sft"`: token-mean NLL of the batch's completions (online RFT's step on the kept samples).
+  - `"sft"`: token-mean NLL of the batch's completions (online RFT's step on the kept samples);
+  - `"opd_reverse_kl"` (on-policy distillation): the same clipped surrogate with a per-token advantage
+    `lp_teacher - lp_old` (+ `reward_coef` times the batch's sequence advantages), `rl.losses.opd_advantages`;
+  - `"opd_jsd"`: the generalised JSD to the teacher over the whole vocabulary at every completion position, with
+    gradient through the student's full logits; the teacher's logits come from the teacher actor one micro-batch
+    at a time (memory: see `rl/teacher.py`); plus the policy term on `reward_coef` x sequence advantages if > 0.
 With LoRA the reference is the same model with the adapter disabled, so no second copy of the weights is held.
 
 Several updates per rollout batch: the batch is split into `mini_batches` contiguous row ranges, one optimizer
@@ -34,10 +39,11 @@ import ray
 import torch
 
 from posttrain.models.loading import load_model, load_tokenizer
-from posttrain.models.logprobs import token_logprobs
+from posttrain.models.logprobs import completion_logits, logprobs_from_logits, token_logprobs
 from posttrain.models.lora import LoraSettings, apply_lora, merged_state_dict, save_merged
 from posttrain.rl.batch import TrainBatch
 from posttrain.rl.kl import kl_estimate
+from posttrain.rl.losses.distill import generalized_jsd_per_token, opd_advantages
 from posttrain.rl.losses.policy import clipped_policy_loss, gspo_policy_loss
 from posttrain.rl.losses.sft import sft_nll
 from posttrain.rl.metrics import masked_mean
@@ -63,7 +69,12 @@ class LearnerSettings:
     micro_batch_size: int = 8
     temperature: float = 1.0
     loss: str = "policy"
-    """"policy" (clipped surrogate) or "sft" (NLL on the batch's completions)"""
+    """"policy" (clipped surrogate), "sft" (NLL on the batch's completions), "opd_reverse_kl" or "opd_jsd" (on-policy
+    distillation; see the module docstring)"""
+    opd_beta: float = 0.5
+    """opd_jsd: the generalised JSD's beta (0 = forward KL, 1 = reverse KL)"""
+    reward_coef: float = 0.0
+    """opd losses: weight of the batch's sequence advantages (verifiable rewards) next to the teacher's signal"""
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None
@@ -123,13 +134,21 @@ class _Stats:
         return metrics
 
 
+LOSSES = ("policy", "sft", "opd_reverse_kl", "opd_jsd")
+MAIN_LOSS_NAMES = {"policy": "pg_loss", "sft": "sft_loss", "opd_reverse_kl": "pg_loss", "opd_jsd": "jsd_loss"}
+
+
 class LearnerImpl:
     """Holds the policy and optimizer. Methods are the actor's RPC surface; see `Learner`."""
 
-    def __init__(self, settings: LearnerSettings):
+    def __init__(self, settings: LearnerSettings, teacher=None):
+        """`teacher`: the `rl.teacher.Teacher` actor (or an in-process `TeacherImpl`) that `opd_jsd` asks for logits."""
         self.settings = s = settings
-        if s.loss not in ("policy", "sft"):
-            raise ValueError(f"LearnerSettings.loss: unknown {s.loss!r}; allowed: policy, sft")
+        if s.loss not in LOSSES:
+            raise ValueError(f"LearnerSettings.loss: unknown {s.loss!r}; allowed: {', '.join(LOSSES)}")
+        if s.loss == "opd_jsd" and teacher is None:
+            raise ValueError("LearnerSettings.loss: opd_jsd needs the teacher (LearnerImpl(settings, teacher=...))")
+        self.teacher = teacher
         torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
         torch.manual_seed(s.seed)
         self.tokenizer = load_tokenizer(s.model_path, padding_side="right")
@@ -195,7 +214,7 @@ class LearnerImpl:
         if float(batch.loss_mask_BC.sum()) == 0:
             raise ValueError("train_step: the batch has no completion tokens with loss (all samples skipped?)")
         several_updates = s.epochs_per_batch * s.mini_batches > 1
-        need_old = s.loss == "policy" and several_updates and batch.old_logprobs_BC is None
+        need_old = s.loss != "sft" and several_updates and batch.old_logprobs_BC is None
         need_ref = self.has_reference and batch.ref_logprobs_BC is None
         if need_old or need_ref:
             old_BC, ref_BC = self.logprobs(batch)  # before the first update: lp_old, once per rollout batch
@@ -246,19 +265,15 @@ class LearnerImpl:
         s = self.settings
         mask = mb.loss_mask_BC
         weight = float(mask.sum())
-        lp, entropy = self._forward(mb, reference=False, with_grad=True)  # [B, C]: completion tokens only
-        if s.loss == "sft":
-            main, sft_metrics = sft_nll(lp, mask, norm["num_tokens"])
-            stats.mean("nll", sft_metrics["nll"], weight)
+        if s.loss == "opd_jsd":
+            lp, entropy, main = self._jsd_loss(mb, norm, stats)
         else:
-            old = lp.detach() if mb.old_logprobs_BC is None else mb.old_logprobs_BC
-            policy_loss = gspo_policy_loss if s.ratio_level == "sequence" else clipped_policy_loss
-            per_token, pg = policy_loss(lp, old, mb.advantages, mask, s.eps_low, s.eps_high, s.dual_clip)
-            main = reduce_loss(per_token, mask, s.loss_reduction, **norm)
-            for name in ("clip_fraction", "dual_clip_fraction"):
-                if name in pg:
-                    stats.mean(name, pg[name], weight)
-            stats.extremes("ratio", pg["ratio/min"], pg["ratio/max"])
+            lp, entropy = self._forward(mb, reference=False, with_grad=True)  # [B, C]: completion tokens only
+            if s.loss == "sft":
+                main, sft_metrics = sft_nll(lp, mask, norm["num_tokens"])
+                stats.mean("nll", sft_metrics["nll"], weight)
+            else:
+                main = self._policy_loss(mb, lp, norm, stats)
         loss = main
         if mb.ref_logprobs_BC is not None:
             kl_BC = kl_estimate(s.kl_estimator, lp, mb.ref_logprobs_BC)
@@ -268,10 +283,57 @@ class LearnerImpl:
             stats.mean("kl", float(masked_mean(kl_BC.detach(), mask)), weight)
         loss.backward()
         stats.add("loss", float(loss.detach()))
-        stats.add("pg_loss" if s.loss == "policy" else "sft_loss", float(main.detach()))
+        stats.add(MAIN_LOSS_NAMES[s.loss], float(main.detach()))
         stats.mean("entropy", float(masked_mean(entropy, mask)), weight)
         lp_diff = (lp.detach() - mb.sampler_logprobs_BC).abs()
         stats.mean("rollout/logprob_diff", float(masked_mean(lp_diff, mask)), weight)
+
+    def _policy_loss(self, mb: TrainBatch, lp: torch.Tensor, norm: dict, stats: _Stats) -> torch.Tensor:
+        """The reduced clipped surrogate of one micro-batch; its advantages as `settings.loss` says."""
+        s, mask = self.settings, mb.loss_mask_BC
+        weight = float(mask.sum())
+        old = lp.detach() if mb.old_logprobs_BC is None else mb.old_logprobs_BC
+        advantages = mb.advantages
+        if s.loss == "opd_reverse_kl":  # the teacher grades each token against lp_old (sampled reverse KL)
+            advantages = opd_advantages(mb.teacher_logprobs_BC, old, mask, mb.advantages_B, s.reward_coef)
+            stats.mean("opd/reverse_kl", float(masked_mean(old - mb.teacher_logprobs_BC, mask)), weight)
+        elif s.loss == "opd_jsd":  # the JSD is the distillation term; only the rewards go through the policy loss
+            advantages = s.reward_coef * mb.advantages_B
+        policy_loss = gspo_policy_loss if s.ratio_level == "sequence" else clipped_policy_loss
+        per_token, pg = policy_loss(lp, old, advantages, mask, s.eps_low, s.eps_high, s.dual_clip)
+        for name in ("clip_fraction", "dual_clip_fraction"):
+            if name in pg:
+                stats.mean(name, pg[name], weight)
+        stats.extremes("ratio", pg["ratio/min"], pg["ratio/max"])
+        return reduce_loss(per_token, mask, s.loss_reduction, **norm)
+
+    def _jsd_loss(self, mb: TrainBatch, norm: dict, stats: _Stats):
+        """(lp [B, C], entropy [B, C], reduced loss) of one micro-batch under `opd_jsd`: the generalised JSD between
+        the student's and the teacher's full next-token distributions at each completion position (one student
+        forward with gradient; the teacher's logits fetched for this micro-batch only)."""
+        s, mask = self.settings, mb.loss_mask_BC
+        weight = float(mask.sum())
+        if isinstance(self.teacher, ray.actor.ActorHandle):
+            teacher_BCV = ray.get(self.teacher.logits.remote(mb)).float()
+        else:
+            teacher_BCV = self.teacher.logits(mb).float()
+        P = mb.prompt_width
+        logits_BCV = completion_logits(self.model, mb.input_ids_BT, mb.attention_mask_BT, P)  # with gradient
+        targets_BC, valid_BC = mb.input_ids_BT[:, P:], mb.attention_mask_BT[:, P:]
+        lp, entropy = logprobs_from_logits(logits_BCV, targets_BC, valid_BC, s.temperature)
+        vocab = teacher_BCV.shape[-1]  # the shared tokenizer's; a model's embedding may have padded rows beyond it
+        if logits_BCV.shape[-1] < vocab:
+            raise ValueError(
+                f"opd_jsd: the student has {logits_BCV.shape[-1]} logits; the teacher's vocabulary {vocab}"
+            )
+        jsd_BC = generalized_jsd_per_token(logits_BCV[..., :vocab], teacher_BCV, mask, s.opd_beta, s.temperature)
+        main = reduce_loss(jsd_BC, mask, s.loss_reduction, **norm)
+        teacher_lp, _ = logprobs_from_logits(teacher_BCV, targets_BC, valid_BC, s.temperature)
+        stats.mean("jsd", float(masked_mean(jsd_BC.detach(), mask)), weight)
+        stats.mean("opd/reverse_kl", float(masked_mean(lp.detach() - teacher_lp, mask)), weight)
+        if s.reward_coef > 0:
+            main = main + self._policy_loss(mb, lp, norm, stats)
+        return lp, entropy, main
 
     # ------------------------------------------------------------------------------------------- weights
 

@@ -12,6 +12,8 @@ CURVES = [
     ("entropy", "entropy"),
     ("response_length/mean", "response length (tokens)"),
 ]
+OPD_CURVES = [("opd/reverse_kl", "sampled reverse KL to the teacher"), *CURVES[1:]]
+"""on-policy distillation: the distance to the teacher in the reward's place (rewards there may be only logged)"""
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -45,7 +47,16 @@ def plot_curves(rows: list[dict[str, Any]], out_png: Path, curves: list[tuple[st
     return out_png
 
 
-SUMMARY_KEYS = ("reward/mean", "kl", "entropy", "response_length/mean", "zero_variance_groups", "grad_norm")
+SUMMARY_KEYS = (
+    "reward/mean",
+    "opd/reverse_kl",
+    "jsd",
+    "kl",
+    "entropy",
+    "response_length/mean",
+    "zero_variance_groups",
+    "grad_norm",
+)
 
 
 def summary_table(rows: list[dict[str, Any]], keys: tuple[str, ...] | list[str] = SUMMARY_KEYS) -> str:
@@ -58,10 +69,11 @@ def summary_table(rows: list[dict[str, Any]], keys: tuple[str, ...] | list[str] 
         _, ys = _series(train_rows, key)
         if ys:
             lines.append(f"{key:<28}{ys[0]:>12.4f}{ys[-1]:>12.4f}")
-    _, acc = _series(rows, "eval/accuracy")
-    if acc:
-        lines.append(f"{'eval/accuracy':<28}{acc[0]:>12.4f}{acc[-1]:>12.4f}")
-    for key in ("time/generate", "time/reward", "time/train", "time/sync", "time/eval"):
+    for key in ("eval/accuracy", "eval/reverse_kl"):
+        _, ys = _series(rows, key)
+        if ys:
+            lines.append(f"{key:<28}{ys[0]:>12.4f}{ys[-1]:>12.4f}")
+    for key in ("time/generate", "time/reward", "time/teacher", "time/train", "time/sync", "time/eval"):
         _, ys = _series(rows, key)
         if ys:
             lines.append(f"{key + ' (total s)':<28}{'':>12}{sum(ys):>12.1f}")

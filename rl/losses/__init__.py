@@ -1,6 +1,6 @@
 """Per-token losses: pure functions of tensors returning `(loss, metrics)` with detached metrics."""
 
-from posttrain.rl.losses.distill import generalized_jsd, reverse_kl_sampled
+from posttrain.rl.losses.distill import generalized_jsd, generalized_jsd_per_token, opd_advantages, reverse_kl_sampled
 from posttrain.rl.losses.policy import clipped_policy_loss, gspo_policy_loss, sequence_log_ratio
 from posttrain.rl.losses.preference import (
     dpo_hinge,
@@ -22,8 +22,10 @@ __all__ = [
     "dpo_robust",
     "dpo_sigmoid",
     "generalized_jsd",
+    "generalized_jsd_per_token",
     "gspo_policy_loss",
     "log1mexp",
+    "opd_advantages",
     "orpo",
     "reverse_kl_sampled",
     "sequence_log_ratio",

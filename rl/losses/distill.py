@@ -43,6 +43,16 @@ def generalized_jsd(
     Deviations: the endpoints above (the paper's formula is 0 there; the paper itself quotes the limits in the
     scaled sense, JSD_beta / beta -> forward KL as beta -> 0); no scaling by temperature^2.
     """
+    jsd_BT = generalized_jsd_per_token(student_logits_BTV, teacher_logits_BTV, mask_BT, beta, temperature)
+    loss = token_mean(jsd_BT, mask_BT, num_tokens)
+    return loss, {"jsd": float(masked_mean(jsd_BT.detach(), mask_BT))}
+
+
+def generalized_jsd_per_token(
+    student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, mask_BT: Tensor, beta: float, temperature: float = 1.0
+) -> Tensor:
+    """`generalized_jsd`'s per-token values [batch, tokens] (nats), 0 where the mask is 0; reduce them as you choose
+    (`rl.reduction.reduce_loss`). Same arguments, definitions and endpoint limits as `generalized_jsd`."""
     if student_logits_BTV.shape != teacher_logits_BTV.shape:
         raise ValueError(
             f"generalized_jsd: student logits {tuple(student_logits_BTV.shape)} and teacher logits "
@@ -67,8 +77,7 @@ def generalized_jsd(
         # log M = logsumexp(log(1 - beta) + log P_S, log beta + log P_T), elementwise over the vocabulary
         log_m_BTV = torch.logaddexp(log_s_BTV + math.log(1 - beta), log_t_BTV + math.log(beta))
         jsd_BT = beta * _kl(log_t_BTV, log_m_BTV) + (1 - beta) * _kl(log_s_BTV, log_m_BTV)
-    loss = token_mean(jsd_BT, mask_BT, num_tokens)
-    return loss, {"jsd": float(masked_mean(jsd_BT.detach(), mask_BT))}
+    return torch.where(mask_BT.bool(), jsd_BT, 0.0)
 
 
 def reverse_kl_sampled(student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor) -> Tensor:
@@ -90,3 +99,36 @@ def _kl(log_p_BTV: Tensor, log_q_BTV: Tensor) -> Tensor:
     """KL(P || Q) = sum_v P (log P - log Q) per token, [batch, tokens]; 0 * (-inf) terms of P = 0 count as 0."""
     terms_BTV = log_p_BTV.exp() * (log_p_BTV - log_q_BTV)
     return torch.where(log_p_BTV.exp() > 0, terms_BTV, 0.0).sum(-1)
+
+
+def opd_advantages(
+    teacher_logprobs_BT: Tensor,
+    student_logprobs_BT: Tensor,
+    mask_BT: Tensor,
+    reward_advantages_B: Tensor | None = None,
+    reward_coef: float = 0.0,
+) -> Tensor:
+    """OPD's per-token advantage [batch, tokens]: `A_t = (lp_teacher - lp_student)_t + reward_coef * A_reward`.
+
+    The first term is minus the sampled per-token reverse KL (`reverse_kl_sampled`), i.e. the teacher's grade of
+    each token the student sampled (GKD 2306.13649 with beta=1, on-policy; Qwen3 report). It is detached: it is a
+    reward, the gradient comes from the policy loss's log-prob. `reward_advantages_B` ([batch], e.g. the
+    group-relative advantage of verifiable rewards) is broadcast over each sequence's tokens with weight
+    `reward_coef`. Returns 0 (not NaN) wherever the mask is 0, whatever the inputs hold there.
+
+    Deviation, stated: each token's advantage is its own reverse-KL term only (no sum of the KL still to come,
+    i.e. discount 0, as Thinking Machines' on-policy distillation does); the full return would be the REINFORCE++
+    KL-to-go (`rl.advantages_ppo`).
+    """
+    if teacher_logprobs_BT.shape != student_logprobs_BT.shape or mask_BT.shape != student_logprobs_BT.shape:
+        raise ValueError(
+            f"opd_advantages: teacher {tuple(teacher_logprobs_BT.shape)}, student "
+            f"{tuple(student_logprobs_BT.shape)} and mask {tuple(mask_BT.shape)} must be one [batch, tokens] shape"
+        )
+    mask = mask_BT.bool()
+    advantages_BT = -reverse_kl_sampled(student_logprobs_BT.detach(), teacher_logprobs_BT.detach())
+    if reward_advantages_B is not None and reward_coef != 0:
+        if reward_advantages_B.shape != mask.shape[:1]:
+            raise ValueError(f"opd_advantages: reward advantages {tuple(reward_advantages_B.shape)} must be [batch]")
+        advantages_BT = advantages_BT + reward_coef * reward_advantages_B.detach()[:, None]  # [B] -> [B, 1]
+    return torch.where(mask, advantages_BT, 0.0)

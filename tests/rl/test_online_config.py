@@ -12,7 +12,8 @@ ONLINE_RECIPES = ["rloo.yaml", "reinforce_pp.yaml", "rft.yaml", "dapo.yaml", "gs
 
 
 def _algo(**algorithm):
-    return validate_config({**BASE, "algorithm": algorithm}).algorithm
+    opd = {"opd": {"teacher": "t"}} if algorithm.get("name") == "opd" else {}  # opd needs its teacher
+    return validate_config({**BASE, **opd, "algorithm": algorithm}).algorithm
 
 
 def _error(**algorithm) -> str:
