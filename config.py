@@ -389,7 +389,7 @@ class RecipeConfig(_Section):
         algo = self.algorithm
         if algo.eps_high < algo.eps_low:
             raise ValueError(f"algorithm.eps_high ({algo.eps_high}) must be >= algorithm.eps_low ({algo.eps_low})")
-        if self.train.warmup_steps > self.train.steps:
+        if self.train.epochs is None and self.train.warmup_steps > self.train.steps:  # epochs: checked by the trainer
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) must be <= train.steps ({self.train.steps})"
             )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from posttrain.config import RecipeConfig, check_resumable, dump_config
+from posttrain.config import ConfigError, RecipeConfig, check_resumable, dump_config
 from posttrain.data.sources import batch_indices
 from posttrain.models.loading import load_model, load_tokenizer, quantization_kwargs, resolve_model_path, torch_dtype
 from posttrain.models.lora import LoraSettings, apply_lora, save_merged
@@ -118,6 +118,11 @@ class OfflineTrainer:
         self.rows = sft_sequences(cfg, chat) if self.method == "sft" else preference_pairs(cfg, chat)
         t = cfg.train
         self.total_steps = math.ceil(t.epochs * len(self.rows) / t.batch_size) if t.epochs else t.steps
+        if t.warmup_steps > self.total_steps:
+            raise ConfigError(
+                f"train.warmup_steps ({t.warmup_steps}) must be <= the run's {self.total_steps} steps "
+                f"(train.epochs={t.epochs} of {len(self.rows)} rows, {t.batch_size} per step)"
+            )
         self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg)
         torch.manual_seed(cfg.seed)
         self.model = load_policy(cfg, model_path, self.tokenizer)

@@ -308,3 +308,10 @@ def test_epochs_set_the_number_of_steps_and_the_logged_epoch(tmp_path, tiny_path
     run = trainer.run()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0.5, 1.0, 1.5]
+
+
+def test_warmup_longer_than_the_epochs_is_refused_naming_the_keys(tmp_path, tiny_path):
+    train = {"epochs": 1, "batch_size": 2, "warmup_steps": 5}
+    cfg = offline_config(tmp_path, tiny_path, "sft", SFT_ROWS, train=train)  # epochs: steps are not known yet
+    with pytest.raises(ConfigError, match=r"train.warmup_steps \(5\) must be <= the run's 2 steps \(train.epochs=1"):
+        OfflineTrainer(cfg)
