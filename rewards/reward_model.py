@@ -12,8 +12,8 @@ asks for it (a named actor), so it is loaded once and its batches are padded and
 `posttrain eval` in one process) the same scorer runs in this process.
 
 Text scored: the conversation (the prompt's messages, then the completion as the assistant turn) through the
-tokenizer's chat template, or `prompt + completion` for a tokenizer without one — `reward_model_text`, which
-reward-model training uses too, so a trained model is scored on the text it was trained on.
+tokenizer's chat template, or prompt + completion + EOS for a tokenizer without one — `reward_model_text`, the
+text reward-model training builds too, so a trained model is scored on the text it was trained on.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ _ACTOR_PREFIX = "posttrain-reward-model-"
 
 
 def reward_model_text(tokenizer: Any, prompt: str | list[dict], completion: str) -> str:
-    """The text a reward model scores for one (prompt, completion) pair (see the module docstring)."""
-    from posttrain.models.loading import chat_messages, default_bos
+    """The text a reward model scores for one (prompt, completion) pair (see the module docstring); the same text
+    reward-model training builds (`offline.data.ChatTokenizer`): the conversation through the chat template, or
+    without one the prompt, the completion and the EOS token."""
+    from posttrain.models.loading import chat_messages, default_bos, format_prompt
 
-    if tokenizer.chat_template:
-        messages = [*chat_messages(prompt), {"role": "assistant", "content": completion}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    else:
-        text = (prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)) + completion
+    if not tokenizer.chat_template:
+        return format_prompt(tokenizer, prompt, use_chat_template=False) + completion + (tokenizer.eos_token or "")
+    messages = [*chat_messages(prompt), {"role": "assistant", "content": completion}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
     bos = default_bos(tokenizer)
     return text if bos is None or text.startswith(bos) else bos + text
 

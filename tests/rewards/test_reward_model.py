@@ -97,3 +97,9 @@ def test_a_missing_model_folder_is_named(tmp_path):
 def test_the_model_argument_is_required_when_loading_the_recipe():
     with pytest.raises(ValueError, match=r"rewards\[0\].*needs \['model'\]"):
         build_reward_specs([{"fn": "reward_model"}], ["rm"])
+
+
+def test_without_a_chat_template_the_text_is_prompt_completion_eos(rm_path):
+    tokenizer = load_tokenizer(rm_path)
+    tokenizer.chat_template = None
+    assert reward_model_text(tokenizer, "Q?", "A.") == "Q?A.<|im_end|>"
