@@ -23,25 +23,12 @@ from typing import Any
 
 import ray
 
-from posttrain.config import FileSource, RecipeConfig, check_resumable, dump_config
+from posttrain.config import FileSource, RecipeConfig
 from posttrain.distill.traces import TraceSettings, TraceStats, write_traces
 from posttrain.rewards.combine import RewardScores, trl_completion
 from posttrain.rl import components
-from posttrain.rl.run_dir import new_run_dir
+from posttrain.rl.run_dir import open_run_dir
 from posttrain.rollout.types import SamplingParams
-
-
-def _open_run_dir(cfg: RecipeConfig) -> Path:
-    if not cfg.resume:
-        run_dir = new_run_dir(cfg.output_dir, cfg.name)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        return run_dir
-    run_dir = Path(cfg.resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"resume: {run_dir} is not a run folder (no config.yaml)")
-    check_resumable((run_dir / "config.yaml").read_text(), cfg, str(run_dir))
-    print(f"resuming {run_dir}", file=sys.stderr)
-    return run_dir
 
 
 def teacher_config(cfg: RecipeConfig) -> RecipeConfig:
@@ -155,7 +142,7 @@ def run_distill(cfg: RecipeConfig) -> Path:
     """Run the three stages; returns the run folder."""
     from posttrain.offline.trainer import run_offline
 
-    run_dir = _open_run_dir(cfg)
+    run_dir, _, _ = open_run_dir(cfg, checkpoints=False)
     dataset = run_dir / "traces.jsonl"
     report: dict[str, Any] = {"algorithm": cfg.algorithm.name, "teacher": teacher_config(cfg).model.path}
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from posttrain.config import ConfigError, RecipeConfig, check_resumable, dump_config
+from posttrain.config import ConfigError, RecipeConfig
 from posttrain.data.sources import batch_indices
 from posttrain.models.loading import load_model, load_tokenizer, quantization_kwargs, resolve_model_path, torch_dtype
 from posttrain.models.lora import LoraSettings, apply_lora, save_merged
@@ -37,8 +37,7 @@ from posttrain.rl.run_dir import (
     RunLogger,
     checkpoint_staging,
     commit_checkpoint,
-    latest_checkpoint,
-    new_run_dir,
+    open_run_dir,
     read_metrics,
 )
 
@@ -281,26 +280,6 @@ class OfflineTrainer:
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-
-
-def open_run_dir(cfg: RecipeConfig) -> tuple[Path, int, Path | None]:
-    """(run folder, steps already done, checkpoint to load): a new folder, or `cfg.resume`'s after checking it."""
-    if not cfg.resume:
-        run_dir = new_run_dir(cfg.output_dir, cfg.name)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        return run_dir, 0, None
-    run_dir = Path(cfg.resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"resume: {run_dir} is not a run folder (no config.yaml)")
-    check_resumable((run_dir / "config.yaml").read_text(), cfg, str(run_dir))
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    found = latest_checkpoint(run_dir)
-    if found is None:
-        print(f"resume: {run_dir} has no complete checkpoint; starting it from step 0", file=sys.stderr)
-        return run_dir, 0, None
-    ckpt, state = found
-    print(f"resuming {run_dir} from {ckpt.name} (step {state['step']})", file=sys.stderr)
-    return run_dir, int(state["step"]), ckpt
 
 
 def run_offline(cfg: RecipeConfig) -> Path:

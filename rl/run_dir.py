@@ -11,11 +11,15 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.tensorboard import SummaryWriter
+
+if TYPE_CHECKING:
+    from posttrain.config import RecipeConfig
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -138,3 +142,30 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     if not ckpts:
         return None
     return ckpts[-1], json.loads((ckpts[-1] / TRAINER_STATE).read_text())
+
+
+def open_run_dir(cfg: RecipeConfig, checkpoints: bool = True) -> tuple[Path, int, Path | None]:
+    """(run folder, steps already done, checkpoint to load): a new folder with `config.yaml`, or `cfg.resume`'s
+    after checking that the recipe differs only in resumable keys. `checkpoints=False` (a run that resumes from
+    its own files, not from checkpoints): (folder, 0, None)."""
+    from posttrain.config import check_resumable, dump_config
+
+    if not cfg.resume:
+        run_dir = new_run_dir(cfg.output_dir, cfg.name)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        return run_dir, 0, None
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"resume: {run_dir} is not a run folder (no config.yaml)")
+    check_resumable((run_dir / "config.yaml").read_text(), cfg, str(run_dir))
+    (run_dir / "config.yaml").write_text(dump_config(cfg))  # e.g. a raised train.steps
+    if not checkpoints:
+        print(f"resuming {run_dir}", file=sys.stderr)
+        return run_dir, 0, None
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        print(f"resume: {run_dir} has no complete checkpoint; starting it from step 0", file=sys.stderr)
+        return run_dir, 0, None
+    ckpt, state = found
+    print(f"resuming {run_dir} from {ckpt.name} (step {state['step']})", file=sys.stderr)
+    return run_dir, int(state["step"]), ckpt
