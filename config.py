@@ -612,8 +612,13 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_resumable(saved_yaml: str, cfg: RecipeConfig, run_dir: str) -> None:
     """Refuse to resume `run_dir` with a recipe that changes anything but `RESUMABLE_CHANGES` (names the keys)."""
-    saved = _flatten(yaml.safe_load(saved_yaml) or {})
+    saved_tree = yaml.safe_load(saved_yaml) or {}
+    saved = _flatten(saved_tree)
     current = _flatten(cfg.model_dump(mode="json"))
+    for name, field in RecipeConfig.model_fields.items():  # a section added to the schema after the run was made
+        section = getattr(cfg, name)
+        if name not in saved_tree and isinstance(section, _Section) and section == field.default:
+            saved.update(_flatten({name: section.model_dump(mode="json")}))  # still at its defaults: no change
     changed = sorted(
         key
         for key in saved.keys() | current.keys()

@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from posttrain.config import ConfigError, load_config, validate_config
+from posttrain.config import ConfigError, check_resumable, dump_config, load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"model": {"path": "m"}, "data": {"kind": "arithmetic"}, "algorithm": {"name": "opd"}}
@@ -87,3 +88,17 @@ def test_gpu_recipe_is_a_qwen_pair_on_gsm8k():
     assert cfg.model.path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.model.dtype == cfg.opd.teacher_dtype == "bfloat16"
     assert (cfg.data.kind, cfg.data.name, cfg.eval.data.split) == ("hub", "openai/gsm8k", "test")
     assert cfg.opd.reward_coef > 0 and cfg.rewards[0].fn == "math_accuracy"
+
+
+def test_a_run_made_before_the_opd_section_existed_still_resumes():
+    cfg = validate_config(
+        {"model": {"path": "m"}, "data": {"kind": "arithmetic"}, "rewards": [{"fn": "math_accuracy"}]}
+    )
+    saved = yaml.safe_load(dump_config(cfg))
+    del saved["opd"]  # config.yaml of a run made before `opd:` was added to the schema
+    check_resumable(yaml.safe_dump(saved), cfg, "old-run")  # no error: the section holds its defaults
+    changed = validate_config({**BASE, "opd": {"teacher": "t"}})
+    saved = yaml.safe_load(dump_config(changed))
+    del saved["opd"]
+    with pytest.raises(ConfigError, match="opd.teacher"):
+        check_resumable(yaml.safe_dump(saved), changed, "old-run")  # a non-default opd section is a change
