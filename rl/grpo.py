@@ -25,7 +25,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from posttrain.config import RecipeConfig, check_resumable, dump_config
+from posttrain.config import RecipeConfig
 from posttrain.data.sources import batch_indices
 from posttrain.data.types import Sample
 from posttrain.rewards.combine import RewardScores, reward_metrics, trl_completion
@@ -43,8 +43,7 @@ from posttrain.rl.run_dir import (
     RunLogger,
     checkpoint_staging,
     commit_checkpoint,
-    latest_checkpoint,
-    new_run_dir,
+    open_run_dir,
     read_metrics,
 )
 from posttrain.rollout.pool import RolloutPool
@@ -130,7 +129,7 @@ class OnlineTrainer:
         teacher = teacher_path(cfg, self.model_path) if cfg.algorithm.name == "opd" else None  # tokenizers checked
         self.format = components.PromptFormatter(cfg, self.model_path)
         self.accuracy_name = components.accuracy_reward_name(cfg)
-        self.run_dir, self.start_step, resume_ckpt = self._open_run_dir()
+        self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg)
         components.init_ray(cfg)
         self.scorer = components.start_scorer(cfg, self.specs)
         self.pool: RolloutPool = components.start_rollout_pool(cfg, self.model_path)
@@ -142,25 +141,6 @@ class OnlineTrainer:
         # resuming drops the rows of steps after the checkpoint (all rows if there was no checkpoint yet)
         keep_until = (self.start_step if resume_ckpt else -1) if cfg.resume else None
         self.logger = RunLogger(self.run_dir, resume_after_step=keep_until)
-
-    def _open_run_dir(self) -> tuple[Path, int, Path | None]:
-        cfg = self.cfg
-        if cfg.resume:
-            run_dir = Path(cfg.resume)
-            if not (run_dir / "config.yaml").is_file():
-                raise FileNotFoundError(f"resume: {run_dir} is not a run folder (no config.yaml)")
-            check_resumable((run_dir / "config.yaml").read_text(), cfg, str(run_dir))
-            (run_dir / "config.yaml").write_text(dump_config(cfg))  # e.g. a raised train.steps
-            found = latest_checkpoint(run_dir)
-            if found is None:
-                print(f"resume: {run_dir} has no complete checkpoint; starting it from step 0", file=sys.stderr)
-                return run_dir, 0, None
-            ckpt, state = found
-            print(f"resuming {run_dir} from {ckpt.name} (step {state['step']})", file=sys.stderr)
-            return run_dir, int(state["step"]), ckpt
-        run_dir = new_run_dir(cfg.output_dir, cfg.name)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        return run_dir, 0, None
 
     # ------------------------------------------------------------------------------------------------ steps
 
