@@ -405,11 +405,13 @@ class RecipeConfig(_Section):
     @model_validator(mode="after")
     def _check_offline(self) -> RecipeConfig:
         name = self.algorithm.name
-        if self.model.quantize != "none" and (self.model.lora is None or name not in OFFLINE_ALGORITHMS):
+        if self.model.quantize != "none" and (
+            self.model.lora is None or name not in OFFLINE_ALGORITHMS + TRACE_ALGORITHMS
+        ):
             raise ValueError(
                 "model.quantize: 4-bit base weights (QLoRA) need model.lora and an offline algorithm "
-                f"({', '.join(OFFLINE_ALGORITHMS)}; got lora={'set' if self.model.lora else 'null'}, "
-                f"algorithm.name={name})"
+                f"({', '.join(OFFLINE_ALGORITHMS + TRACE_ALGORITHMS)}; "
+                f"got lora={'set' if self.model.lora else 'null'}, algorithm.name={name})"
             )
         if name not in OFFLINE_ALGORITHMS:
             if not self.rewards and not (name == "opd" and self.opd.reward_coef == 0):

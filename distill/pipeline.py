@@ -37,6 +37,7 @@ def teacher_config(cfg: RecipeConfig) -> RecipeConfig:
         update={
             "path": cfg.traces.teacher or cfg.model.path,
             "lora": None,
+            "quantize": "none",  # QLoRA is for the student's SFT; the rollout workers load the teacher as is
             "system_prompt": cfg.traces.teacher_system_prompt or cfg.model.system_prompt,
         }
     )

@@ -26,3 +26,13 @@ def test_offline_rft_recipe_samples_the_model_itself():
     cfg = load_config(RECIPES / "rft_offline.yaml")
     assert cfg.algorithm.name == "rft_offline" and cfg.traces.teacher is None
     assert cfg.traces.keep == "all" and cfg.traces.min_reward == 1.0 and cfg.model.lora is not None
+
+
+def test_a_distill_student_may_train_as_qlora_while_the_teacher_loads_plain():
+    from posttrain.distill.pipeline import teacher_config
+
+    cfg = load_config(RECIPES / "distill_math.yaml", ["model.lora={rank: 8}", "model.quantize=nf4"])
+    assert cfg.model.quantize == "nf4"
+    teacher = teacher_config(cfg)
+    assert teacher.model.quantize == "none" and teacher.model.lora is None
+    assert teacher.model.path == "smollm2-135m-instruct"
