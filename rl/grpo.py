@@ -332,7 +332,8 @@ class OnlineTrainer:
         if self.start_step == 0 and self.eval_rows:
             before = self.evaluate(0)
             self.logger.log(0, before)
-            shown = {k: round(v, 4) for k, v in before.items() if k in ("eval/accuracy", "eval/reverse_kl")}
+            labels = {"eval/accuracy": "accuracy", "eval/reverse_kl": "reverse KL to the teacher"}
+            shown = ", ".join(f"{label} {before[key]:.3f}" for key, label in labels.items() if key in before)
             print(f"eval before training: {shown}", file=sys.stderr)
         bar = tqdm(
             total=total,
