@@ -389,7 +389,9 @@ def math_pool(workers: int | None = None) -> WorkerPool:
 
 
 def verify(gold: str, response: str, strict: bool = True, timeout: float = 5.0) -> bool:
-    """Whether `response` states an answer equivalent to `gold`. Never raises; False on any failure.
+    """Whether `response` states an answer equivalent to `gold`. False on any failure of the check, whatever the
+    input; raises only `PoolError` when no worker process can be started at all (a broken environment must not
+    read as a wrong answer).
 
     `gold` may be a bare answer or a full worked solution (its marked answer is used). `strict=True` requires
     an answer marker in `response`. The check runs in a worker process of `math_pool()` that is killed (and
