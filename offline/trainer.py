@@ -31,7 +31,7 @@ from posttrain.models.loading import load_model, load_tokenizer, quantization_kw
 from posttrain.models.lora import LoraSettings, apply_lora, save_merged
 from posttrain.offline import objectives as obj
 from posttrain.offline.data import ChatTokenizer, preference_pairs, sft_sequences
-from posttrain.rl.learner import lr_lambda
+from posttrain.rl.learner import lr_lambda, restore_training_state
 from posttrain.rl.report import plot_curves, summary_table
 from posttrain.rl.run_dir import (
     RunLogger,
@@ -268,18 +268,7 @@ class OfflineTrainer:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         state = torch.load(ckpt / "trainer.pt", weights_only=False)
-        params = dict(self.model.named_parameters())
-        unknown = [n for n in state["trainable"] if n not in params]
-        if unknown:
-            raise ValueError(f"checkpoint {ckpt} does not match the model: unknown parameters {unknown[:3]}")
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        restore_training_state(state, self.model, self.optimizer, self.scheduler, ckpt)
 
 
 def run_offline(cfg: RecipeConfig) -> Path:

@@ -365,20 +365,26 @@ class LearnerImpl:
     def load_checkpoint(self, ckpt_dir: str) -> int:
         """Restore from `save_checkpoint`'s folder; returns the number of optimizer steps done."""
         state = torch.load(Path(ckpt_dir) / "learner.pt", weights_only=False)
-        params = dict(self.model.named_parameters())
-        missing = [n for n in state["trainable"] if n not in params]
-        if missing:
-            raise ValueError(f"checkpoint {ckpt_dir} does not match the model: unknown parameters {missing[:3]}")
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        restore_training_state(state, self.model, self.optimizer, self.scheduler, ckpt_dir)
         self.steps_done = state["steps_done"]
         return self.steps_done
 
 
 Learner = ray.remote(LearnerImpl)
+
+
+def restore_training_state(state: dict, model, optimizer, scheduler, where: str | Path) -> None:
+    """Load a checkpoint's `trainable` tensors, optimizer, scheduler and RNG states (torch, numpy, python) into a
+    live model and optimizer; shared by the learner actor and the offline trainer."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in state["trainable"] if n not in params]
+    if unknown:
+        raise ValueError(f"checkpoint {where} does not match the model: unknown parameters {unknown[:3]}")
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
