@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,37 +73,46 @@ def merged_state_dict(model: nn.Module, only_lora_targets: bool = False) -> dict
         tensors are detached, contiguous CPU copies in the base weights' dtype. `model` is not modified: the merge
         `W + sum over active adapters of scale * B @ A` is computed out of place.
     """
+    return {name: _cpu_copy(tensor) for name, tensor in iter_merged_tensors(model, only_lora_targets)}
+
+
+def iter_merged_tensors(model: nn.Module, only_lora_targets: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """`merged_state_dict`'s (name, tensor) pairs one at a time, without copying what needs no merge.
+
+    Plain tensors come as detached views of the live parameters (copy them before the model changes); a LoRA
+    layer's merged weight is computed when its turn comes, so a consumer that packs and drops them (the bucketed
+    weight sync) never holds more than its own buffer of merged weights.
+    """
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        return {name: _cpu_copy(tensor) for name, tensor in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
+        yield from ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        return
     with torch.no_grad():
-        _collect_plain(model.get_base_model(), "", out, only_lora_targets)
-    return out
+        yield from _iter_plain(model.get_base_model(), "", only_lora_targets)
 
 
-def _collect_plain(module: nn.Module, prefix: str, out: dict[str, torch.Tensor], only_lora_targets: bool) -> None:
-    """Walk `module` (a peft-injected model) writing plain-named CPU tensors into `out`."""
+def _iter_plain(module: nn.Module, prefix: str, only_lora_targets: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Walk `module` (a peft-injected model) yielding plain-named tensors (views, or merged copies for LoRA)."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
     if isinstance(module, LoraLayer):
-        out.update(_merged_lora_layer(module, prefix))
+        yield from _merged_lora_layer(module, prefix).items()
         return
     if isinstance(module, ModulesToSaveWrapper):
         # a fully trained copy of a module (e.g. lm_head): the plain model loads the copy that forward uses
         chosen = module.modules_to_save[module.active_adapter] if module.active_adapters else module.original_module
-        _collect_plain(chosen, prefix, out, only_lora_targets)
+        yield from _iter_plain(chosen, prefix, only_lora_targets)
         return
     if not only_lora_targets:
         for name, param in module.named_parameters(recurse=False):
-            out[prefix + name] = _cpu_copy(param)
+            yield prefix + name, param.detach()
         for name, buffer in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
-                out[prefix + name] = _cpu_copy(buffer)
+                yield prefix + name, buffer.detach()
     for name, child in module.named_children():
-        _collect_plain(child, f"{prefix}{name}.", out, only_lora_targets)
+        yield from _iter_plain(child, f"{prefix}{name}.", only_lora_targets)
 
 
 def _merged_lora_layer(layer, prefix: str) -> dict[str, torch.Tensor]:

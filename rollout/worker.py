@@ -15,11 +15,12 @@ import torch
 
 from posttrain.rollout.engine import InferenceEngine, Prompts
 from posttrain.rollout.types import PromptResult, SamplingParams
+from posttrain.rollout.weight_sync import WeightReceiver
 
 ENGINES = ("hf", "vllm")
 
 
-class RolloutWorkerImpl:
+class RolloutWorkerImpl(WeightReceiver):
     """Holds one engine with the current policy weights.
 
     Args:
