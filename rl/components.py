@@ -79,11 +79,23 @@ def start_rollout_pool(cfg: RecipeConfig, model_path: str) -> RolloutPool:
             max_batch_size=cfg.rollout.max_batch_size,
             # generation and training alternate, so each role may use every core while it runs
             num_threads=cfg.rollout.num_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.workers),
+            engine_options=rollout_engine_options(cfg),
         )
         for _ in range(cfg.rollout.workers)
     ]
     ray.get([w.ready.remote() for w in workers])
     return RolloutPool(workers)
+
+
+def rollout_engine_options(cfg: RecipeConfig) -> dict[str, Any]:
+    """The engine-specific settings of the rollout workers: vllm's memory and, for adapter syncs, its LoRA rank."""
+    r = cfg.rollout
+    if r.engine != "vllm":
+        return {}
+    options: dict[str, Any] = {"gpu_memory_utilization": r.gpu_memory_utilization, "kv_cache_gb": r.kv_cache_gb}
+    if r.lora_sync == "adapter":
+        options["max_lora_rank"] = cfg.model.lora.rank
+    return options
 
 
 def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
@@ -108,7 +120,6 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         loss={"rft": "sft", "opd": f"opd_{cfg.opd.loss}"}.get(algo.name, "policy"),
         opd_beta=cfg.opd.beta,
         reward_coef=cfg.opd.reward_coef,
-        tis_cap=algo.tis_cap,
         eps_low=algo.eps_low,
         eps_high=algo.eps_high,
         dual_clip=algo.dual_clip,

@@ -14,7 +14,6 @@ reference in the loss or in the reward. This module only wires components; the m
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -49,7 +48,6 @@ from posttrain.rl.run_dir import (
 )
 from posttrain.rollout.pool import RolloutPool
 from posttrain.rollout.types import PromptResult, SamplingParams
-from posttrain.rollout.weight_sync import WeightSync
 
 
 def to_samples(rows: list[dict[str, Any]], results: list[PromptResult]) -> list[Sample]:
@@ -171,14 +169,10 @@ class OnlineTrainer:
         return score(samples, self.scorer, self.cfg.algorithm.on_reward_error, self.cfg.algorithm.samples_per_prompt)
 
     def _sync_weights(self) -> float:
-        return self.weight_sync()["time/sync"]
-
-    @functools.cached_property
-    def weight_sync(self) -> WeightSync:
-        """Streams the learner's weights into the workers in buckets (`rollout/weight_sync.py`), with a timeout."""
-        r = self.cfg.rollout
-        sender = getattr(self.learner, "actors", [self.learner])[0]  # a data-parallel LearnerGroup sends from rank 0
-        return WeightSync(sender, self.pool.workers, r.sync_transport, r.sync_bucket_mb, r.sync_timeout_s)
+        if self.cfg.rollout.lora_sync == "adapter":  # the adapter alone; the engines keep their base weights
+            return self.pool.load_lora_adapter(self.learner.get_lora_adapter.remote())
+        weights_ref = self.learner.get_weights.remote()
+        return self.pool.load_weights(weights_ref)
 
     def evaluate(self, step: int) -> dict[str, float]:
         if not self.eval_rows:

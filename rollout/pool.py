@@ -34,6 +34,16 @@ class RolloutPool:
             results.extend(part)
         return results
 
+    def load_lora_adapter(self, adapter_ref: ray.ObjectRef, timeout_s: float = 600.0) -> float:
+        """Broadcast a `LoraAdapter` already in the object store to every worker (adapter-only LoRA sync); returns
+        wall seconds. Each worker fetches it itself, as in `load_weights`."""
+        start = time.perf_counter()
+        try:
+            ray.get([w.load_lora_adapter.remote([adapter_ref]) for w in self.workers], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"LoRA adapter sync to {len(self.workers)} workers took over {timeout_s} s") from None
+        return time.perf_counter() - start
+
     def load_weights(self, weights_ref: ray.ObjectRef, timeout_s: float = 600.0) -> float:
         """Broadcast weights already in the object store to every worker; returns wall seconds.
 

@@ -9,18 +9,19 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from os import PathLike
+from typing import Any
 
 import ray
 import torch
 
+from posttrain.models.lora_adapter import LoraAdapter
 from posttrain.rollout.engine import InferenceEngine, Prompts
 from posttrain.rollout.types import PromptResult, SamplingParams
-from posttrain.rollout.weight_sync import WeightReceiver
 
 ENGINES = ("hf", "vllm")
 
 
-class RolloutWorkerImpl(WeightReceiver):
+class RolloutWorkerImpl:
     """Holds one engine with the current policy weights.
 
     Args:
@@ -29,6 +30,8 @@ class RolloutWorkerImpl(WeightReceiver):
         dtype: "float32", "bfloat16" or "float16".
         max_batch_size: sequences generated together by the engine.
         num_threads: torch CPU threads in this worker's process; None keeps Ray's setting.
+        engine_options: extra keyword arguments of the engine's class (vllm: `gpu_memory_utilization`, `kv_cache_gb`,
+            `max_model_len`, `max_lora_rank`; see `rollout/vllm_engine.py`).
     """
 
     def __init__(
@@ -38,17 +41,19 @@ class RolloutWorkerImpl(WeightReceiver):
         dtype: str = "float32",
         max_batch_size: int = 64,
         num_threads: int | None = None,
+        engine_options: Mapping[str, Any] | None = None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
         if model_path is None:
             raise ValueError("RolloutWorker needs a model_path")
         if engine == "vllm":
-            raise NotImplementedError("the vllm engine is coming in the vLLM issue; use engine='hf' for now")
-        from posttrain.rollout.hf_engine import HFEngine
+            from posttrain.rollout.vllm_engine import VLLMEngine as engine_class
+        else:
+            from posttrain.rollout.hf_engine import HFEngine as engine_class
 
-        self.engine: InferenceEngine = HFEngine(
-            model_path, dtype=dtype, max_batch_size=max_batch_size, num_threads=num_threads
+        self.engine: InferenceEngine = engine_class(
+            model_path, dtype=dtype, max_batch_size=max_batch_size, num_threads=num_threads, **(engine_options or {})
         )
 
     def ready(self) -> bool:
@@ -81,6 +86,16 @@ class RolloutWorkerImpl(WeightReceiver):
     def get_weights(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """See `InferenceEngine.get_weights`."""
         return self.engine.get_weights(names)
+
+    def load_lora_adapter(self, adapter_or_ref: LoraAdapter | Sequence[ray.ObjectRef]) -> float:
+        """Adapter-only LoRA sync (vllm engine): later generations use this adapter on the base weights; returns wall
+        seconds. Takes the adapter or a list holding one `ray.ObjectRef` to it (as `load_weights`)."""
+        start = time.perf_counter()
+        if not hasattr(self.engine, "load_lora_adapter"):
+            raise ValueError(f"{type(self.engine).__name__} takes merged weights only (rollout.lora_sync: merged)")
+        adapter = adapter_or_ref if isinstance(adapter_or_ref, LoraAdapter) else ray.get(adapter_or_ref[0])
+        self.engine.load_lora_adapter(adapter)
+        return time.perf_counter() - start
 
 
 RolloutWorker = ray.remote(RolloutWorkerImpl)

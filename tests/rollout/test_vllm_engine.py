@@ -201,3 +201,22 @@ def test_bad_adapters_are_refused(vllm_engine, path):
     adapter.tensors[name] = torch.zeros(4, 7)
     with pytest.raises(ValueError, match="shape"):
         vllm_engine.load_lora_adapter(adapter)
+
+
+def test_vllm_rollout_worker_in_ray_generates_and_loads_weights(ray_session, path, hf_engine, texts):
+    from posttrain.rollout.worker import RolloutWorker
+
+    ray = ray_session
+    actor = RolloutWorker.remote(engine="vllm", model_path=str(path), num_threads=1, engine_options={"kv_cache_gb": 1})
+    try:
+        params = SamplingParams(n=2, temperature=0, max_new_tokens=10)
+        assert tokens(ray.get(actor.generate.remote(texts, params), timeout=600)) == tokens(
+            hf_engine.generate(texts, params)
+        )
+        other = load_model(str(tiny_model_path(num_heads=2, seed=1))).state_dict()
+        assert ray.get(actor.load_weights.remote([ray.put(other)]), timeout=120) >= 0
+        hf = HFEngine(path)
+        hf.load_weights(other)
+        assert tokens(ray.get(actor.generate.remote(texts, params), timeout=120)) == tokens(hf.generate(texts, params))
+    finally:
+        ray.kill(actor)

@@ -57,8 +57,6 @@ def test_pool_of_one_worker(ray_session, worker, engine, prompts):
 
 
 def test_engine_choice_is_checked(model_path):
-    with pytest.raises(NotImplementedError, match="vLLM issue"):
-        RolloutWorkerImpl(engine="vllm", model_path=str(model_path))
     with pytest.raises(ValueError, match="unknown engine 'sglang'"):
         RolloutWorkerImpl(engine="sglang", model_path=str(model_path))
     with pytest.raises(ValueError, match="model_path"):
