@@ -151,6 +151,13 @@ class RolloutConfig(_Section):
     """engine vllm on a GPU: fraction of the GPU's memory vLLM takes for weights and KV cache"""
     kv_cache_gb: float = Field(1.0, gt=0)
     """engine vllm on CPU: KV cache size in GiB"""
+    sync_transport: Literal["object_store", "nccl", "cuda_ipc"] = "object_store"
+    """how weights reach the workers after each step: Ray's object store (CPU, across nodes), a NCCL broadcast from
+    learner rank 0 (GPUs), or CUDA IPC handles (learner and workers sharing one GPU)"""
+    sync_bucket_mb: float = Field(256.0, gt=0)
+    """weights are streamed in buckets of about this many MiB (one larger tensor gets a bucket of its own)"""
+    sync_timeout_s: float = Field(600.0, gt=0)
+    """a weight sync that has not finished after this many seconds fails, naming what did not finish"""
 
 
 class AlgorithmConfig(_Section):
@@ -206,6 +213,9 @@ class AlgorithmConfig(_Section):
     """online RFT: per prompt, keep the best completion or every one that reaches rft_min_reward"""
     rft_min_reward: float | None = 1.0
     """online RFT: a kept completion needs reward >= this (1.0 = verified correct); none = keep the best regardless"""
+    tis_cap: float | None = Field(None, gt=0)
+    """truncated importance sampling: weight each token's policy term by min(exp(lp_old - lp_sampler), tis_cap),
+    correcting for the engine's numbers and, in rollout.async_mode, the one-step-old sampler (e.g. 2.0; none = off)"""
 
     @model_validator(mode="after")
     def _check_online(self) -> AlgorithmConfig:
@@ -228,6 +238,8 @@ class AlgorithmConfig(_Section):
             raise ValueError(
                 f"algorithm.advantage_std: only grpo and opd divide by a std (got {self.name}); leave it unset"
             )
+        if self.name == "rft" and self.tis_cap is not None:
+            raise ValueError("algorithm.tis_cap: rft takes an SFT step (no importance ratio); leave it unset")
         if self.name == "rft" and self.kl_in == "reward":
             raise ValueError("algorithm.kl_in: rft has no reward in its loss; allowed: loss")
         if self.rft_keep == "all" and self.rft_min_reward is None:
@@ -609,6 +621,7 @@ RESUMABLE_CHANGES = (
     "scoring.workers",
     "eval.every_steps",
     "output_dir",
+    "rollout.sync_",
 )
 """keys a resumed run may change; any other difference would make the continued run a different experiment"""
 
@@ -628,6 +641,9 @@ def check_resumable(saved_yaml: str, cfg: RecipeConfig, run_dir: str) -> None:
         section = getattr(cfg, name)
         if name not in saved_tree and isinstance(section, _Section) and section == field.default:
             saved.update(_flatten({name: section.model_dump(mode="json")}))  # still at its defaults: no change
+        elif isinstance(field.default, _Section):  # keys added to a section after the run was made, at their defaults
+            defaults = _flatten({name: field.default.model_dump(mode="json")})
+            saved.update({k: v for k, v in defaults.items() if k not in saved and current.get(k) == v})
     changed = sorted(
         key
         for key in saved.keys() | current.keys()

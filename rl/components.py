@@ -120,6 +120,7 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         loss={"rft": "sft", "opd": f"opd_{cfg.opd.loss}"}.get(algo.name, "policy"),
         opd_beta=cfg.opd.beta,
         reward_coef=cfg.opd.reward_coef,
+        tis_cap=algo.tis_cap,
         eps_low=algo.eps_low,
         eps_high=algo.eps_high,
         dual_clip=algo.dual_clip,

@@ -14,6 +14,7 @@ reference in the loss or in the reward. This module only wires components; the m
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -48,6 +49,7 @@ from posttrain.rl.run_dir import (
 )
 from posttrain.rollout.pool import RolloutPool
 from posttrain.rollout.types import PromptResult, SamplingParams
+from posttrain.rollout.weight_sync import WeightSync
 
 
 def to_samples(rows: list[dict[str, Any]], results: list[PromptResult]) -> list[Sample]:
@@ -170,9 +172,15 @@ class OnlineTrainer:
 
     def _sync_weights(self) -> float:
         if self.cfg.rollout.lora_sync == "adapter":  # the adapter alone; the engines keep their base weights
-            return self.pool.load_lora_adapter(self.learner.get_lora_adapter.remote())
-        weights_ref = self.learner.get_weights.remote()
-        return self.pool.load_weights(weights_ref)
+            return self.pool.load_lora_adapter(self.learner.get_lora_adapter.remote(), self.cfg.rollout.sync_timeout_s)
+        return self.weight_sync()["time/sync"]
+
+    @functools.cached_property
+    def weight_sync(self) -> WeightSync:
+        """Streams the learner's weights into the workers in buckets (`rollout/weight_sync.py`), with a timeout."""
+        r = self.cfg.rollout
+        sender = getattr(self.learner, "actors", [self.learner])[0]  # a data-parallel LearnerGroup sends from rank 0
+        return WeightSync(sender, self.pool.workers, r.sync_transport, r.sync_bucket_mb, r.sync_timeout_s)
 
     def evaluate(self, step: int) -> dict[str, float]:
         if not self.eval_rows:

@@ -16,8 +16,9 @@ Several updates per rollout batch: the batch is split into `mini_batches` contig
 step each, and the whole pass repeats `epochs_per_batch` times. `lp_old` is then the learner's log-prob before
 the first update, computed once per rollout batch (one no-grad pass, eval mode) unless the batch brings it (the
 driver computed it to put the KL in the reward). Deviation, stated: with a single update per batch no extra pass
-is made and `lp_old` is the learner's own log-prob detached (ratio == 1). The sampler's log-probs are used only to
-log how far the engine's numbers are from the learner's (`rollout/logprob_diff`), a weight-sync check.
+is made and `lp_old` is the learner's own log-prob detached (ratio == 1). The sampler's log-probs are logged against
+the learner's (`rollout/logprob_diff`, a weight-sync check) and, with `tis_cap` set, weight each token's policy term
+by `min(exp(lp_old - lp_sampler), tis_cap)` (truncated importance sampling, `rl/losses/tis.py`).
 
 Cost, stated: whenever a reference exists (always with LoRA; with full weights only when a KL is used), its
 log-probs are computed once per rollout batch (one extra no-grad forward) so that `kl` is logged even when it is
@@ -47,8 +48,10 @@ from posttrain.rl.kl import kl_estimate
 from posttrain.rl.losses.distill import generalized_jsd_per_token, opd_advantages
 from posttrain.rl.losses.policy import clipped_policy_loss, gspo_policy_loss
 from posttrain.rl.losses.sft import sft_nll
+from posttrain.rl.losses.tis import tis_weights
 from posttrain.rl.metrics import masked_mean
 from posttrain.rl.reduction import reduce_loss
+from posttrain.rollout.weight_sync import WeightSender
 
 
 @dataclass
@@ -76,6 +79,8 @@ class LearnerSettings:
     """opd_jsd: the generalised JSD's beta (0 = forward KL, 1 = reverse KL)"""
     reward_coef: float = 0.0
     """opd losses: weight of the batch's sequence advantages (verifiable rewards) next to the teacher's signal"""
+    tis_cap: float | None = None
+    """truncated importance sampling: policy terms weighted by min(exp(lp_old - lp_sampler), tis_cap); None = off"""
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float | None = None
@@ -139,7 +144,7 @@ LOSSES = ("policy", "sft", "opd_reverse_kl", "opd_jsd")
 MAIN_LOSS_NAMES = {"policy": "pg_loss", "sft": "sft_loss", "opd_reverse_kl": "pg_loss", "opd_jsd": "jsd_loss"}
 
 
-class LearnerImpl:
+class LearnerImpl(WeightSender):
     """Holds the policy and optimizer. Methods are the actor's RPC surface; see `Learner`."""
 
     def __init__(self, settings: LearnerSettings, teacher=None):
@@ -302,6 +307,11 @@ class LearnerImpl:
             advantages = s.reward_coef * mb.advantages_B
         policy_loss = gspo_policy_loss if s.ratio_level == "sequence" else clipped_policy_loss
         per_token, pg = policy_loss(lp, old, advantages, mask, s.eps_low, s.eps_high, s.dual_clip)
+        if s.tis_cap is not None:  # the engine (or async mode's one-step-old weights) sampled, not lp_old's policy
+            tis_BC, tis = tis_weights(old, mb.sampler_logprobs_BC, mask, s.tis_cap)
+            per_token = per_token * tis_BC
+            for name, value in tis.items():
+                stats.mean(name, value, weight)
         for name in ("clip_fraction", "dual_clip_fraction"):
             if name in pg:
                 stats.mean(name, pg[name], weight)

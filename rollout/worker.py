@@ -17,11 +17,12 @@ import torch
 from posttrain.models.lora_adapter import LoraAdapter
 from posttrain.rollout.engine import InferenceEngine, Prompts
 from posttrain.rollout.types import PromptResult, SamplingParams
+from posttrain.rollout.weight_sync import WeightReceiver
 
 ENGINES = ("hf", "vllm")
 
 
-class RolloutWorkerImpl:
+class RolloutWorkerImpl(WeightReceiver):
     """Holds one engine with the current policy weights.
 
     Args:
