@@ -158,6 +158,9 @@ class RolloutConfig(_Section):
     """weights are streamed in buckets of about this many MiB (one larger tensor gets a bucket of its own)"""
     sync_timeout_s: float = Field(600.0, gt=0)
     """a weight sync that has not finished after this many seconds fails, naming what did not finish"""
+    async_mode: bool = False
+    """async mode: generate step t+1's batch while step t trains, so training runs one step off-policy (see
+    algorithm.tis_cap)"""
 
 
 class AlgorithmConfig(_Section):

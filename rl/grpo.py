@@ -18,6 +18,7 @@ import functools
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,8 @@ class OnlineTrainer:
         self.format = components.PromptFormatter(cfg, self.model_path)
         self.accuracy_name = components.accuracy_reward_name(cfg)
         self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg)
+        self.policy_version = self.rollout_version = self.start_step  # learner updates; the workers' weights' version
+        self._next: Future | None = None  # async mode: the next step's rollout, generating while this step trains
         components.init_ray(cfg)
         self.scorer = components.start_scorer(cfg, self.specs)
         self.pool: RolloutPool = components.start_rollout_pool(cfg, self.model_path)
@@ -172,8 +175,12 @@ class OnlineTrainer:
 
     def _sync_weights(self) -> float:
         if self.cfg.rollout.lora_sync == "adapter":  # the adapter alone; the engines keep their base weights
-            return self.pool.load_lora_adapter(self.learner.get_lora_adapter.remote(), self.cfg.rollout.sync_timeout_s)
-        return self.weight_sync()["time/sync"]
+            adapter_ref = self.learner.get_lora_adapter.remote()
+            seconds = self.pool.load_lora_adapter(adapter_ref, self.cfg.rollout.sync_timeout_s)
+        else:
+            seconds = self.weight_sync()["time/sync"]
+        self.rollout_version = self.policy_version
+        return seconds
 
     @functools.cached_property
     def weight_sync(self) -> WeightSync:
@@ -293,9 +300,36 @@ class OnlineTrainer:
         pad_id, max_tokens = self.format.tokenizer.pad_token_id, self.cfg.rollout.max_new_tokens
         return collate(kept, [1.0] * len(kept), pad_id, max_tokens), metrics
 
+    def _versioned_collect(self, step: int) -> tuple[StepRollout, float]:
+        """`collect(step)` with the version of the weights it sampled from recorded; (rollout, wall seconds)."""
+        start, version = time.perf_counter(), self.rollout_version
+        rollout = self.collect(step)
+        rollout.metrics["rollout/policy_version"] = float(version)
+        return rollout, time.perf_counter() - start
+
+    def _take_rollout(self, step: int) -> StepRollout:
+        """This step's rollout: generated now, or in async mode while the previous step trained. Async mode then starts
+        generating step + 1's with the current weights, so training step `step` overlaps it (one step off-policy)."""
+        pending, self._next = self._next, None
+        rollout = pending.result()[0] if pending is not None else self._versioned_collect(step)[0]
+        if self.cfg.rollout.async_mode and step < self.cfg.train.steps:
+            self._executor = getattr(self, "_executor", None) or ThreadPoolExecutor(1, thread_name_prefix="rollout")
+            self._next = self._executor.submit(self._versioned_collect, step + 1)
+        return rollout
+
+    def _finish_next_rollout(self) -> dict[str, float]:
+        """Async mode: wait for the next step's rollout before the weights change; the generation time it hid."""
+        if self._next is None:
+            return {}
+        start = time.perf_counter()
+        _, seconds = self._next.result()
+        waited = time.perf_counter() - start
+        return {"time/overlap": max(seconds - waited, 0.0), "time/wait_rollout": waited}
+
     def train_step(self, step: int) -> tuple[dict[str, float], list[Sample], list[float]]:
         """One step (1-based `step`): generate, score, learn, sync; returns metrics, the samples and their rewards."""
-        rollout = self.collect(step)
+        rollout = self._take_rollout(step)
+        staleness = self.policy_version - rollout.metrics["rollout/policy_version"]
         t2 = time.perf_counter()
         if self.cfg.algorithm.name == "rft":
             batch, batch_metrics = self.rft_batch(rollout)
@@ -309,9 +343,12 @@ class OnlineTrainer:
         if batch is not None:
             train_metrics = ray.get(self.learner.train_step.remote(batch))
             t3 = time.perf_counter()
+            self.policy_version += 1
+            overlap = self._finish_next_rollout()
             sync_s = self._sync_weights()
         else:  # nothing to learn from (no group kept): no update, weights unchanged
             train_metrics, t3, sync_s = {"loss": math.nan, "kl": math.nan, "updates": 0.0}, time.perf_counter(), 0.0
+            overlap = self._finish_next_rollout()
         samples = rollout.generated
         lengths = [len(s.completion_token_ids) for s in samples]
         metrics = {
@@ -326,6 +363,8 @@ class OnlineTrainer:
             "data/first_index": rollout.first_index,
             "time/train": t3 - t2,
             "time/sync": sync_s,
+            **overlap,
+            "async/staleness": staleness,
             "tokens_per_second/generate": sum(lengths) / max(rollout.metrics["time/generate"], 1e-9),
         }
         return metrics, samples, rollout.scores.total
@@ -379,6 +418,8 @@ class OnlineTrainer:
         return self.finish()
 
     def finish(self) -> Path:
+        if getattr(self, "_executor", None) is not None:
+            self._executor.shutdown(wait=True)
         ray.get(self.learner.save_final.remote(str(self.run_dir / "final")))
         self.scorer.close()
         self.logger.close()
