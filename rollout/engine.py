@@ -1,4 +1,4 @@
-"""The interface every inference engine implements (`hf` = transformers `generate` now, `vllm` later).
+"""The interface every inference engine implements (`hf` = transformers `generate`, `vllm` = vLLM).
 
 An engine holds one policy's weights and turns prompts into completions. Prompts arrive either as text that is
 already chat-templated (`posttrain.models.loading.format_prompt`; tokenized here with `add_special_tokens=False`) or

@@ -1,6 +1,6 @@
 """Data that crosses the rollout boundary: sampling parameters in, completions out.
 
-Every engine (transformers `generate` now, vLLM later) takes `SamplingParams` and returns one
+Every engine (transformers `generate`, vLLM) takes `SamplingParams` and returns one
 `PromptResult` per prompt. These are plain dataclasses so they pickle cheaply through Ray.
 """
 
