@@ -368,6 +368,27 @@ class RayConfig(_Section):
     """CPUs for a local Ray (default: all)"""
 
 
+class PlacementConfig(_Section):
+    learners: int = Field(1, ge=1)
+    """learner actors training as one data-parallel group: each takes a share of every rollout batch, gradients are
+    all-reduced (gloo on CPU, NCCL on GPU; `rl/distributed.py`), the result equals one learner on the whole batch"""
+    learner_gpus: float = Field(0.0, ge=0, le=1)
+    """GPUs per learner (> 0: it trains on CUDA; fractions share a GPU; one learner uses at most one GPU)"""
+    learner_cpus: float = Field(0.0, ge=0)
+    """CPUs reserved per learner (0: none reserved, the roles take turns on the same cores)"""
+    rollout_gpus: float = Field(0.0, ge=0)
+    """GPUs per rollout worker (a fraction < 1, or a whole number)"""
+    rollout_cpus: float = Field(0.0, ge=0)
+    """CPUs reserved per rollout worker"""
+    colocate: bool = False
+    """true: learner i and rollout worker i share one placement bundle (so one node, e.g. one GPU at 0.5 + 0.5);
+    false: every actor has its own bundle"""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """how Ray lays the bundles on nodes (STRICT_PACK: all on one node; SPREAD: over nodes where possible)"""
+    timeout_s: float = Field(300.0, gt=0)
+    """seconds to wait for the placement group, for the learners' process group to form, and for any one collective"""
+
+
 class LoggingConfig(_Section):
     samples_per_step: int = Field(4, ge=0)
     """completions written to samples.jsonl each step"""
@@ -402,6 +423,8 @@ class RecipeConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
+    placement: PlacementConfig = PlacementConfig()
+    """online runs: how many learners, CPUs/GPUs per role, colocated or not (Ray placement groups)"""
     logging: LoggingConfig = LoggingConfig()
     resume: str | None = None
     """a run folder to continue from its last checkpoint"""
@@ -483,6 +506,22 @@ class RecipeConfig(_Section):
             raise ValueError("algorithm.dynamic_sampling: opd learns from every sample (the teacher grades each token)")
         if algo.kl_in == "reward" and algo.kl_coef > 0:
             raise ValueError("algorithm.kl_in: opd puts its own per-token signal in the advantage; allowed: loss")
+        return self
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> RecipeConfig:
+        p = self.placement
+        if p.model_fields_set and self.algorithm.name not in ONLINE_ALGORITHMS:
+            raise ValueError(
+                f"placement: only online algorithms place Ray actors (got {self.algorithm.name}); remove it"
+            )
+        if p.rollout_gpus > 1 and p.rollout_gpus != int(p.rollout_gpus):
+            raise ValueError(f"placement.rollout_gpus: above 1 it must be a whole number (got {p.rollout_gpus:g})")
+        if p.colocate and not (p.learner_cpus or p.learner_gpus or p.rollout_cpus or p.rollout_gpus):
+            raise ValueError(
+                "placement.colocate: nothing to colocate; give a role resources (placement.learner_gpus, "
+                "learner_cpus, rollout_gpus or rollout_cpus)"
+            )
         return self
 
     def reward_names(self) -> list[str]:
@@ -621,6 +660,7 @@ RESUMABLE_CHANGES = (
     "logging.",
     "checkpoint.",
     "ray.",
+    "placement.",
     "scoring.workers",
     "eval.every_steps",
     "output_dir",

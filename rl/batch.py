@@ -7,7 +7,8 @@ completion positions (`token_logprobs(..., completion_start=P)`), and per-token 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -113,3 +114,20 @@ def collate(
         torch.tensor(completion_lengths),
         max_completion_tokens,
     )
+
+
+def select_rows(batch: TrainBatch, rows: Sequence[int]) -> TrainBatch:
+    """The batch's `rows` (any order, possibly none), at the full widths: no padding column is dropped, so a
+    data-parallel rank's share keeps the layout of the whole batch."""
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    return _map_tensors(batch, lambda x: x.index_select(0, index.to(x.device)))
+
+
+def batch_to(batch: TrainBatch, device: torch.device | str) -> TrainBatch:
+    """The same batch with every tensor on `device` (the learner's; no copy for tensors already there)."""
+    return _map_tensors(batch, lambda x: x.to(device))
+
+
+def _map_tensors(batch: TrainBatch, fn) -> TrainBatch:
+    values = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    return TrainBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})

@@ -17,7 +17,9 @@ from posttrain.models.lora import LoraSettings
 from posttrain.rewards.combine import RewardSpec
 from posttrain.rewards.loading import build_reward_specs
 from posttrain.rewards.workers import LocalScorer, RewardPool, Scorer
+from posttrain.rl.distributed import LearnerGroup
 from posttrain.rl.learner import Learner, LearnerSettings
+from posttrain.rl.placement import Placement
 from posttrain.rollout.pool import RolloutPool
 from posttrain.rollout.worker import RolloutWorker
 
@@ -70,9 +72,11 @@ def load_data(cfg: RecipeConfig) -> tuple[list[dict[str, Any]], list[dict[str, A
     return train_rows, eval_rows
 
 
-def start_rollout_pool(cfg: RecipeConfig, model_path: str) -> RolloutPool:
+def start_rollout_pool(cfg: RecipeConfig, model_path: str, placement: Placement | None = None) -> RolloutPool:
+    """`rollout.workers` rollout actors, ready, placed as `placement` says (None: unplaced, 0 CPUs each)."""
+    placement = placement or Placement.unplaced(cfg)
     workers = [
-        RolloutWorker.options(num_cpus=0).remote(
+        RolloutWorker.options(**placement.rollout_options(i)).remote(
             engine=cfg.rollout.engine,
             model_path=model_path,
             dtype=cfg.model.dtype,
@@ -81,7 +85,7 @@ def start_rollout_pool(cfg: RecipeConfig, model_path: str) -> RolloutPool:
             num_threads=cfg.rollout.num_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.workers),
             engine_options=rollout_engine_options(cfg),
         )
-        for _ in range(cfg.rollout.workers)
+        for i in range(cfg.rollout.workers)
     ]
     ray.get([w.ready.remote() for w in workers])
     return RolloutPool(workers)
@@ -104,6 +108,7 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
     lora = cfg.model.lora
     algo, train = cfg.algorithm, cfg.train
     updates = algo.epochs_per_batch * algo.mini_batches
+    learners = cfg.placement.learners
     return LearnerSettings(
         model_path=model_path,
         dtype=cfg.model.dtype,
@@ -132,13 +137,21 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         epochs_per_batch=algo.epochs_per_batch,
         mini_batches=algo.mini_batches,
         seed=cfg.seed,
-        num_threads=train.num_threads,
+        # several learners on one machine share its cores unless told otherwise
+        num_threads=train.num_threads or (max(1, (os.cpu_count() or 1) // learners) if learners > 1 else None),
+        device="cuda" if cfg.placement.learner_gpus > 0 else "cpu",
     )
 
 
-def start_learner(cfg: RecipeConfig, model_path: str, teacher=None):
-    """The learner actor, ready; `teacher` is on-policy distillation's teacher actor (the jsd loss asks it)."""
-    learner = Learner.options(num_cpus=0).remote(learner_settings(cfg, model_path), teacher)
+def start_learner(cfg: RecipeConfig, model_path: str, teacher=None, placement: Placement | None = None):
+    """The learner, ready: one actor, or with `placement.learners` > 1 a `LearnerGroup` (data parallel; same calls).
+    `teacher` is on-policy distillation's teacher actor (the jsd loss asks it); `placement` None: unplaced."""
+    placement = placement or Placement.unplaced(cfg)
+    settings = learner_settings(cfg, model_path)
+    if cfg.placement.learners > 1:
+        options = [placement.learner_options(rank) for rank in range(cfg.placement.learners)]
+        return LearnerGroup(settings, cfg.placement.learners, teacher, options, cfg.placement.timeout_s).start()
+    learner = Learner.options(**placement.learner_options(0)).remote(settings, teacher)
     ray.get(learner.ready.remote())
     return learner
 

@@ -39,6 +39,7 @@ from posttrain.rl.batch import TrainBatch, collate
 from posttrain.rl.evaluation import eval_params, score_eval
 from posttrain.rl.kl import kl_estimate
 from posttrain.rl.opd import heldout_reverse_kl, opd_batch, start_opd_teacher, teacher_path
+from posttrain.rl.placement import Placement
 from posttrain.rl.report import CURVES, OPD_CURVES, plot_curves, summary_table
 from posttrain.rl.rft import rft_keep_mask
 from posttrain.rl.run_dir import (
@@ -136,10 +137,11 @@ class OnlineTrainer:
         self.policy_version = self.rollout_version = self.start_step  # learner updates; the workers' weights' version
         self._next: Future | None = None  # async mode: the next step's rollout, generating while this step trains
         components.init_ray(cfg)
+        self.placement = Placement.create(cfg)  # checks the request against the cluster, reserves the bundles
         self.scorer = components.start_scorer(cfg, self.specs)
-        self.pool: RolloutPool = components.start_rollout_pool(cfg, self.model_path)
+        self.pool: RolloutPool = components.start_rollout_pool(cfg, self.model_path, self.placement)
         self.teacher = start_opd_teacher(cfg, teacher) if teacher else None
-        self.learner = components.start_learner(cfg, self.model_path, self.teacher)
+        self.learner = components.start_learner(cfg, self.model_path, self.teacher, self.placement)
         if resume_ckpt is not None:
             ray.get(self.learner.load_checkpoint.remote(str(resume_ckpt)))
             self._sync_weights()

@@ -43,7 +43,7 @@ from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.logprobs import completion_logits, logprobs_from_logits, token_logprobs
 from posttrain.models.lora import LoraSettings, apply_lora, merged_state_dict, save_merged
 from posttrain.models.lora_adapter import LoraAdapter, lora_adapter
-from posttrain.rl.batch import TrainBatch
+from posttrain.rl.batch import TrainBatch, batch_to, select_rows
 from posttrain.rl.kl import kl_estimate
 from posttrain.rl.losses.distill import generalized_jsd_per_token, opd_advantages
 from posttrain.rl.losses.policy import clipped_policy_loss, gspo_policy_loss
@@ -96,6 +96,8 @@ class LearnerSettings:
     mini_batches: int = 1
     seed: int = 0
     num_threads: int | None = None
+    device: str = "auto"
+    """"auto" = cuda when this process sees a GPU (a Ray actor sees one only if given `num_gpus`), else cpu"""
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -157,14 +159,15 @@ class LearnerImpl(WeightSender):
         self.teacher = teacher
         torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
         torch.manual_seed(s.seed)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
         self.tokenizer = load_tokenizer(s.model_path, padding_side="right")
-        model = load_model(s.model_path, dtype=s.dtype)
+        model = load_model(s.model_path, dtype=s.dtype).to(self.device)
         self.model = apply_lora(model, s.lora) if s.lora else model
         self.model.train()
         # With full weights and a KL term, the reference is a frozen copy; with LoRA it is the adapter switched off.
         self.ref_model = None
         if (s.kl_coef > 0 or s.reference) and not s.lora:
-            self.ref_model = load_model(s.model_path, dtype=s.dtype).eval().requires_grad_(False)
+            self.ref_model = load_model(s.model_path, dtype=s.dtype).to(self.device).eval().requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -197,8 +200,9 @@ class LearnerImpl(WeightSender):
     def logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """No-grad log-probs of the batch's completion tokens, [B, C]: (policy, reference or None).
 
-        The policy's are `lp_old` for the coming updates (taken in eval mode, so no dropout).
+        The policy's are `lp_old` for the coming updates (taken in eval mode, so no dropout). Returned on the CPU.
         """
+        batch = batch_to(batch, self.device)
         policy_BC = torch.zeros_like(batch.loss_mask_BC)
         ref_BC = torch.zeros_like(batch.loss_mask_BC) if self.has_reference else None
         self.model.eval()
@@ -211,13 +215,17 @@ class LearnerImpl(WeightSender):
                     ref_BC[rows, :c] = self._forward(mb, reference=True, with_grad=False)[0]
         finally:
             self.model.train()
-        return policy_BC, ref_BC
+        return policy_BC.cpu(), None if ref_BC is None else ref_BC.cpu()
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """`epochs_per_batch` x `mini_batches` optimizer steps over one rollout batch; returns detached metrics."""
+    def train_step(self, batch: TrainBatch, mini_bounds: list[int] | None = None) -> dict[str, float]:
+        """`epochs_per_batch` x `mini_batches` optimizer steps over one rollout batch; returns detached metrics.
+
+        `mini_bounds`: the row bounds of the mini-batches, `[0, ..., len(batch)]` (a data-parallel rank gets its share
+        of each global mini-batch from the driver, possibly empty); default: `mini_batches` near-equal row ranges.
+        """
         s = self.settings
         start = time.perf_counter()
-        if float(batch.loss_mask_BC.sum()) == 0:
+        if self._all_sum(float(batch.loss_mask_BC.sum()))[0] == 0:
             raise ValueError("train_step: the batch has no completion tokens with loss (all samples skipped?)")
         several_updates = s.epochs_per_batch * s.mini_batches > 1
         need_old = s.loss != "sft" and several_updates and batch.old_logprobs_BC is None
@@ -229,15 +237,21 @@ class LearnerImpl(WeightSender):
                 old_logprobs_BC=old_BC if need_old else batch.old_logprobs_BC,
                 ref_logprobs_BC=ref_BC if need_ref else batch.ref_logprobs_BC,
             )
+        batch = batch_to(batch, self.device)
         stats = _Stats()
         first_lr = self.scheduler.get_last_lr()[0]
-        bounds = np.linspace(0, len(batch), min(s.mini_batches, len(batch)) + 1).round().astype(int)
+        if mini_bounds is None:
+            mini_bounds = np.linspace(0, len(batch), min(s.mini_batches, len(batch)) + 1).round().astype(int)
         updates = 0
         for _ in range(s.epochs_per_batch):
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                mini = batch.slice(int(lo), int(hi)) if (lo, hi) != (0, len(batch)) else batch
+            for lo, hi in zip(mini_bounds[:-1], mini_bounds[1:], strict=True):
+                lo, hi = int(lo), int(hi)
+                if (lo, hi) == (0, len(batch)):
+                    mini = batch
+                else:  # a rank's share of a global mini-batch may have no rows; it still joins the step
+                    mini = batch.slice(lo, hi) if hi > lo else select_rows(batch, [])
                 updates += self._update(mini, stats)
-        metrics = stats.result(max(updates, 1))
+        metrics = self._reduce_stats(stats).result(max(updates, 1))
         metrics.update(lr=first_lr, updates=float(updates))
         metrics.setdefault("kl", float("nan"))
         metrics["time/train_step"] = time.perf_counter() - start
@@ -246,20 +260,22 @@ class LearnerImpl(WeightSender):
     def _update(self, batch: TrainBatch, stats: _Stats) -> int:
         """One optimizer step over `batch`, in micro-batches; returns 1, or 0 if it has no loss tokens."""
         s = self.settings
-        num_tokens = float(batch.loss_mask_BC.sum())
+        # normalisers of the whole optimizer step (on all data-parallel ranks), so micro-batch losses sum to the
+        # full-batch value; sequences without loss tokens (skipped samples) do not count
+        num_tokens, num_seqs = self._all_sum(
+            float(batch.loss_mask_BC.sum()), float((batch.loss_mask_BC.sum(-1) > 0).sum())
+        )
         if num_tokens == 0:
             return 0
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # normalisers of the whole optimizer step, so micro-batch losses sum to the full-batch value;
-        # sequences without loss tokens (skipped samples) do not count
-        num_seqs = int((batch.loss_mask_BC.sum(-1) > 0).sum())
-        norm = dict(num_tokens=num_tokens, num_seqs=num_seqs, max_completion_tokens=batch.max_completion_tokens)
+        norm = dict(num_tokens=num_tokens, num_seqs=int(num_seqs), max_completion_tokens=batch.max_completion_tokens)
         for lo in range(0, len(batch), s.micro_batch_size):
             mb = batch.slice(lo, lo + s.micro_batch_size)
             if float(mb.loss_mask_BC.sum()) > 0:
                 self._micro_batch_backward(mb, norm, stats)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self._all_reduce_grads(params)  # data-parallel: the shares' gradients add up to the whole step's
         stats.add("grad_norm", float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
         self.optimizer.step()
         self.scheduler.step()
@@ -325,9 +341,9 @@ class LearnerImpl(WeightSender):
         s, mask = self.settings, mb.loss_mask_BC
         weight = float(mask.sum())
         if isinstance(self.teacher, ray.actor.ActorHandle):
-            teacher_BCV = ray.get(self.teacher.logits.remote(mb)).float()
+            teacher_BCV = ray.get(self.teacher.logits.remote(batch_to(mb, "cpu"))).float().to(self.device)
         else:
-            teacher_BCV = self.teacher.logits(mb).float()
+            teacher_BCV = self.teacher.logits(mb).float().to(self.device)
         P = mb.prompt_width
         logits_BCV = completion_logits(self.model, mb.input_ids_BT, mb.attention_mask_BT, P)  # with gradient
         targets_BC, valid_BC = mb.input_ids_BT[:, P:], mb.attention_mask_BT[:, P:]
@@ -345,6 +361,20 @@ class LearnerImpl(WeightSender):
         if s.reward_coef > 0:
             main = main + self._policy_loss(mb, lp, norm, stats)
         return lp, entropy, main
+
+    # ------------------------------------------------------------------------------------------- data parallel
+    # One learner: identities. `rl/distributed.py`'s ranks override them with collectives over their group.
+
+    def _all_sum(self, *values: float) -> tuple[float, ...]:
+        """`values` summed over the data-parallel ranks."""
+        return values
+
+    def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients over the data-parallel ranks (each rank's loss is its share of the step's loss)."""
+
+    def _reduce_stats(self, stats: _Stats) -> _Stats:
+        """The running metrics of all data-parallel ranks as one."""
+        return stats
 
     # ------------------------------------------------------------------------------------------- weights
 
@@ -379,7 +409,7 @@ class LearnerImpl(WeightSender):
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
         """Restore from `save_checkpoint`'s folder; returns the number of optimizer steps done."""
-        state = torch.load(Path(ckpt_dir) / "learner.pt", weights_only=False)
+        state = torch.load(Path(ckpt_dir) / "learner.pt", weights_only=False, map_location="cpu")
         restore_training_state(state, self.model, self.optimizer, self.scheduler, ckpt_dir)
         self.steps_done = state["steps_done"]
         return self.steps_done
