@@ -81,6 +81,19 @@ def bucketize(
         yield bucket
 
 
+def skip_tied(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Drop a tensor that is the very same memory as one already passed on (same address, dtype, shape, strides):
+    tied weights, e.g. `lm_head.weight` that is `model.embed_tokens.weight` (SmolLM2, Qwen2.5-0.5B). The receiving
+    model, built from the same checkpoint, ties them too, so loading one updates both; vLLM skips the tied head."""
+    seen = set()
+    for name, tensor in named_tensors:
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        yield name, tensor
+
+
 def bucket_specs(bucket: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[TensorSpec], int]:
     """Where each tensor of `bucket` goes in a flat buffer, and the buffer's size in bytes."""
     specs, offset = [], 0
@@ -179,7 +192,7 @@ class WeightSender:
         """What a sync sends: plain-named tensors, LoRA merged (only the adapted layers with `only_changed`)."""
         from posttrain.models.lora import iter_merged_tensors
 
-        return iter_merged_tensors(self.model, only_lora_targets=only_changed)
+        return skip_tied(iter_merged_tensors(self.model, only_lora_targets=only_changed))
 
     def put_weight_buckets(self, bucket_bytes: int, only_changed: bool = True) -> list[ray.ObjectRef]:
         """Object store: pack and `ray.put` the buckets one at a time (no full copy held here); their refs, in order."""

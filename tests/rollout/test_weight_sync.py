@@ -15,6 +15,7 @@ from posttrain.rollout.weight_sync import (
     WeightSyncError,
     bucketize,
     pack_bucket,
+    skip_tied,
     unpack_bucket,
 )
 from posttrain.rollout.worker import RolloutWorker, RolloutWorkerImpl
@@ -74,6 +75,15 @@ def test_bucketize_is_lazy_one_bucket_ahead():
     assert pulled == [0, 1, 2]  # t2 was read to learn that bucket 1 is full, nothing further
     with pytest.raises(ValueError, match="bucket_bytes"):
         next(bucketize(tensors(), 0))
+
+
+def test_tied_weights_are_sent_once_and_lookalikes_are_not_dropped():
+    embed = torch.randn(5, 3)
+    other = embed.clone()  # equal values, other memory: kept
+    named = [("embed", embed), ("middle", torch.ones(2)), ("head", embed), ("copy", other), ("half", embed[:2])]
+    assert [n for n, _ in skip_tied(named)] == ["embed", "middle", "copy", "half"]
+    empty = torch.zeros(0)
+    assert [n for n, _ in skip_tied([("a", empty), ("b", empty)])] == ["a", "b"]  # nothing to save on empties
 
 
 # ------------------------------------------------------------------------------------------ packing
@@ -197,3 +207,27 @@ def test_a_bucket_that_cannot_be_fetched_times_out_in_the_worker(ray_session, en
     with pytest.raises(WeightSyncError, match=r"fetching bucket 1/1 .* within 0.5 s"):
         load_buckets(engine, [pending], timeout_s=0.5)
     ray.cancel(pending, force=True)
+
+
+def test_a_tied_model_loads_a_sync_without_its_tied_head(tmp_path, model_path):
+    """SmolLM2 ties lm_head to the embeddings: the sync sends the shared tensor once, and the engine's tied head
+    follows (same model built twice with tied embeddings, different seeds)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from posttrain.rollout.hf_engine import HFEngine
+
+    config = LlamaConfig.from_pretrained(model_path)
+    config.tie_word_embeddings = True
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(LlamaForCausalLM(config))
+    models[0].save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp_path)
+    engine = HFEngine(tmp_path, device="cpu")
+    update = dict(skip_tied(models[1].state_dict().items()))
+    assert "lm_head.weight" not in update and "model.embed_tokens.weight" in update
+    engine.load_weights(update)
+    synced = engine.get_weights()
+    for name, tensor in models[1].state_dict().items():
+        assert torch.equal(synced[name], tensor), name
