@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 OFFLINE_ALGORITHMS = ("sft", "dpo", "orpo", "reward_model")
 """algorithms that train on a dataset in the CLI process (no rollouts, no Ray)"""
-ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "opd")
+ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "opd", "ppo")
 """algorithms that generate, score and learn every step (`rl/grpo.py`'s trainer, through Ray)"""
 TRACE_ALGORITHMS = ("distill", "rft_offline")
 """generate -> verify -> keep a dataset once, then SFT on it (`distill/`): a teacher's traces, or the model's own"""
@@ -171,6 +171,7 @@ class AlgorithmConfig(_Section):
         "reinforce_pp_baseline",
         "rft",
         "opd",
+        "ppo",
         "sft",
         "dpo",
         "orpo",
@@ -178,8 +179,9 @@ class AlgorithmConfig(_Section):
         "distill",
         "rft_offline",
     ] = "grpo"
-    """the algorithm: online (grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft, opd = on-policy distillation; see
-    ONLINE_ALGORITHMS) or offline on a dataset (sft, dpo, orpo, reward_model; see OFFLINE_ALGORITHMS)"""
+    """the algorithm: online (grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft, opd = on-policy distillation, ppo =
+    PPO with a critic; see ONLINE_ALGORITHMS) or offline on a dataset (sft, dpo, orpo, reward_model; see
+    OFFLINE_ALGORITHMS)"""
     prompts_per_step: int = Field(8, ge=1)
     """distinct prompts per optimizer step"""
     samples_per_prompt: int = Field(4, ge=1)
@@ -339,6 +341,20 @@ class OPDConfig(_Section):
     """sequences per teacher forward pass"""
 
 
+class PPOConfig(_Section):
+    critic_lr: float | None = Field(None, gt=0)
+    """the critic's peak learning rate (its own AdamW; same schedule and warmup as the policy); none = train.lr"""
+    value_clip: float | None = Field(0.2, gt=0)
+    """c of the clipped value loss: new values are kept within old +- c (none = plain squared error); the scale is the
+    reward's, so with rewards in [0, 1] 0.2 is a real limit"""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """GAE discount over completion tokens (1 = the final reward counts fully at every token)"""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda: 1 = Monte-Carlo returns minus the value (high variance), 0 = one-step TD (leans on the critic)"""
+    whiten_advantages: bool = True
+    """whiten the advantages over the batch's completion tokens (masked mean 0, std 1) before the policy step"""
+
+
 class EvalConfig(_Section):
     data: DataSource | None = None
     """held-out problems (none = no evaluation)"""
@@ -417,6 +433,8 @@ class RecipeConfig(_Section):
     """distill / rft_offline: how traces are generated and kept"""
     opd: OPDConfig = OPDConfig()
     """on-policy distillation (algorithm.name=opd): the teacher and the loss"""
+    ppo: PPOConfig = PPOConfig()
+    """PPO (algorithm.name=ppo): the critic's learning rate, value clipping, GAE and whitening"""
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -521,6 +539,20 @@ class RecipeConfig(_Section):
             raise ValueError(
                 "placement.colocate: nothing to colocate; give a role resources (placement.learner_gpus, "
                 "learner_cpus, rollout_gpus or rollout_cpus)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_ppo(self) -> RecipeConfig:
+        algo = self.algorithm
+        if algo.name != "ppo":
+            if self.ppo.model_fields_set:
+                raise ValueError(f"ppo: only algorithm.name=ppo uses this section (got {algo.name}); remove it")
+            return self
+        if algo.dynamic_sampling:
+            raise ValueError(
+                "algorithm.dynamic_sampling: ppo learns from every sample (its critic's baseline needs no group "
+                "variance); remove it"
             )
         return self
 

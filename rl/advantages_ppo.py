@@ -1,4 +1,5 @@
-"""Token-level advantages for PPO (GAE with a value model) and REINFORCE++, and PPO's clipped value loss.
+"""Token-level advantages for PPO (GAE with a value model) and REINFORCE++, PPO's clipped value loss and the
+critic's explained variance.
 
 All inputs are `[batch, tokens]` over the completion, right-padded: `mask_BT` is 1 on a contiguous run of
 completion tokens of each row (a row may also start with masked-out prompt positions) and 0 on padding. Outputs are
@@ -72,6 +73,55 @@ def whiten(x_BT: Tensor, mask_BT: Tensor, shift_mean: bool = True, eps: float = 
     if not shift_mean:
         whitened_BT = whitened_BT + mean
     return torch.where(mask_BT.bool(), whitened_BT, 0.0)
+
+
+def ppo_advantages(
+    scores_B: Tensor,
+    values_BT: Tensor,
+    mask_BT: Tensor,
+    kl_BT: Tensor,
+    kl_coef: float,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """PPO's token advantages and value targets from sequence scores, the critic's values and the KL to the reference.
+
+    `gae_token_rewards` (per-token `-kl_coef * KL_t`, the score added at the last completion token), then `gae`
+    (gamma, lam); the returns `A + V` are taken before the advantages are (optionally) whitened over the batch's
+    masked tokens, as in InstructGPT-style PPO (TRL's PPOTrainer, OpenRLHF). Returns `(advantages_BT, returns_BT)`,
+    0 at masked-out positions.
+
+    Args:
+        scores_B: [batch] sequence rewards (a skipped sample's row of `mask_BT` is all 0; its score is ignored).
+        values_BT: [batch, tokens] the critic's value of each completion token before the update (no gradient).
+        mask_BT: [batch, tokens] completion mask.
+        kl_BT: [batch, tokens] per-token KL estimate (e.g. `rl.kl.kl_estimate("k3", lp_old, lp_ref)`), no gradient.
+        kl_coef: the KL penalty's weight in the reward (0 = no KL in the reward).
+        gamma, lam: GAE's discount and lambda.
+        whiten_advantages: whiten the advantages (masked, whole batch; `whiten`).
+    """
+    rewards_BT = gae_token_rewards(torch.nan_to_num(scores_B, nan=0.0), kl_BT, mask_BT, kl_coef)
+    advantages_BT, returns_BT = gae(rewards_BT, values_BT, mask_BT, gamma, lam)
+    if whiten_advantages:
+        advantages_BT = whiten(advantages_BT, mask_BT)
+    return advantages_BT, returns_BT
+
+
+def explained_variance(values_BT: Tensor, returns_BT: Tensor, mask_BT: Tensor) -> float:
+    """`1 - Var(R - V) / Var(R)` over the masked tokens: 1 = the critic predicts the returns, 0 = no better than their
+    mean, < 0 = worse. NaN when the returns do not vary (as CleanRL / SB3 report it)."""
+    _check_bt(mask_BT, "explained_variance", values_BT, returns_BT)
+    var_returns = _masked_var(returns_BT, mask_BT)
+    if var_returns == 0:
+        return float("nan")
+    return 1.0 - _masked_var(returns_BT - values_BT, mask_BT) / var_returns
+
+
+def _masked_var(x_BT: Tensor, mask_BT: Tensor) -> float:
+    """Population variance of the masked entries (the ratio in `explained_variance` does not depend on the choice)."""
+    mean = masked_mean(x_BT, mask_BT)
+    return float(masked_mean((x_BT - mean).square(), mask_BT))
 
 
 def reinforce_pp_advantages(

@@ -38,6 +38,10 @@ class TrainBatch:
     """the reference model's log-probs (None: the learner computes them if it has a reference)"""
     teacher_logprobs_BC: torch.Tensor | None = None
     """on-policy distillation: the teacher's log-prob of each completion token (0 on padding)"""
+    old_values_BC: torch.Tensor | None = None
+    """PPO: the critic's values of each completion token before this rollout batch's updates (0 on padding)"""
+    returns_BC: torch.Tensor | None = None
+    """PPO: the GAE returns the critic regresses on (0 on padding)"""
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
@@ -74,6 +78,8 @@ class TrainBatch:
             old_logprobs_BC=rows_bc(self.old_logprobs_BC),
             ref_logprobs_BC=rows_bc(self.ref_logprobs_BC),
             teacher_logprobs_BC=rows_bc(self.teacher_logprobs_BC),
+            old_values_BC=rows_bc(self.old_values_BC),
+            returns_BC=rows_bc(self.returns_BC),
         )
 
 

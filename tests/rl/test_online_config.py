@@ -8,7 +8,7 @@ from posttrain.config import ONLINE_ALGORITHMS, ConfigError, load_config, valida
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"model": {"path": "m"}, "data": {"kind": "arithmetic"}, "rewards": [{"fn": "math_accuracy"}]}
-ONLINE_RECIPES = ["rloo.yaml", "reinforce_pp.yaml", "rft.yaml", "dapo.yaml", "gspo.yaml"]
+ONLINE_RECIPES = ["rloo.yaml", "reinforce_pp.yaml", "rft.yaml", "dapo.yaml", "gspo.yaml", "ppo.yaml"]
 
 
 def _algo(**algorithm):
@@ -49,7 +49,8 @@ def test_every_online_name_validates(name):
         ({"ratio_level": "group"}, "`algorithm.ratio_level`"),
         ({"kl_estimator": "k4"}, "`algorithm.kl_estimator`"),
         ({"mini_batches": 0}, "`algorithm.mini_batches`"),
-        ({"name": "ppo"}, "`algorithm.name`"),
+        ({"name": "ppo", "dynamic_sampling": True}, "algorithm.dynamic_sampling: ppo learns from every sample"),
+        ({"name": "ppo_v2"}, "`algorithm.name`"),
     ],
 )
 def test_impossible_combinations_name_the_key(algorithm, fragment):
@@ -60,6 +61,18 @@ def test_plain_reinforce_pp_and_batch_std_grpo_work_with_one_sample_per_prompt()
     assert _algo(name="reinforce_pp", samples_per_prompt=1).samples_per_prompt == 1
     assert _algo(name="rft", samples_per_prompt=1).samples_per_prompt == 1
     assert _algo(advantage_std="batch", samples_per_prompt=1).samples_per_prompt == 1
+    assert _algo(name="ppo", samples_per_prompt=1).samples_per_prompt == 1
+
+
+def test_ppo_section_defaults_and_refusals():
+    cfg = validate_config({**BASE, "algorithm": {"name": "ppo"}})
+    assert (cfg.ppo.critic_lr, cfg.ppo.value_clip, cfg.ppo.gamma, cfg.ppo.lam) == (None, 0.2, 1.0, 0.95)
+    assert cfg.ppo.whiten_advantages
+    with pytest.raises(ConfigError, match="ppo: only algorithm.name=ppo uses this section"):
+        validate_config({**BASE, "ppo": {"lam": 0.9}})
+    for bad, key in [({"lam": 1.5}, "ppo.lam"), ({"value_clip": 0}, "ppo.value_clip"), ({"gama": 1}, "ppo.gamma")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate_config({**BASE, "algorithm": {"name": "ppo"}, "ppo": bad})
 
 
 @pytest.mark.parametrize("recipe", ONLINE_RECIPES)

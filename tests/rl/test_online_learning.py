@@ -26,6 +26,8 @@ ALGORITHMS = {
     "reinforce_pp": {"name": "reinforce_pp", "kl_coef": 0.01, "kl_in": "reward"},
     "reinforce_pp_baseline": {"name": "reinforce_pp_baseline"},
     "rft": {"name": "rft", "rft_keep": "best", "rft_min_reward": None},
+    # PPO runs on the same settings; its critic (default LR = train.lr) learns the values alongside the policy
+    "ppo": {"name": "ppo", "kl_coef": 0.01, "kl_in": "reward", "epochs_per_batch": 2},
 }
 
 
@@ -48,7 +50,7 @@ def test_reward_rises_on_a_toy_task(tmp_path, ray_session, algorithm):
     try:
         rewards = [row["reward/mean"] for row in read_metrics(trainer.run())]
     finally:
-        for actor in [trainer.learner, *trainer.pool.workers]:
+        for actor in [trainer.learner, *trainer.pool.workers, *([trainer.critic] if trainer.critic else [])]:
             ray_session.kill(actor)
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert first < 0.25 and last > 0.6, f"reward did not rise: {[round(r, 3) for r in rewards]}"

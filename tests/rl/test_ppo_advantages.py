@@ -1,9 +1,20 @@
-"""GAE (scan vs an explicit loop twin), whitening, REINFORCE++ advantages and the clipped value loss."""
+"""GAE (scan vs an explicit loop twin), whitening, PPO's advantage assembly, explained variance, REINFORCE++
+advantages and the clipped value loss."""
+
+import math
 
 import pytest
 import torch
 
-from posttrain.rl.advantages_ppo import gae, gae_token_rewards, reinforce_pp_advantages, value_loss, whiten
+from posttrain.rl.advantages_ppo import (
+    explained_variance,
+    gae,
+    gae_token_rewards,
+    ppo_advantages,
+    reinforce_pp_advantages,
+    value_loss,
+    whiten,
+)
 
 
 def test_gae_by_hand():
@@ -87,3 +98,51 @@ def test_value_loss_by_hand():
     )
     assert loss.item() == pytest.approx(0.6725, abs=1e-6)
     assert metrics["value/clip_fraction"] == 0.5
+
+
+def _ppo_inputs():
+    # row 0: 3 completion tokens + padding; row 1: a skipped sample (NaN score, no loss tokens)
+    scores = torch.tensor([1.0, float("nan")])
+    values = torch.tensor([[0.2, 0.4, 0.5, 9.0], [3.0, 3.0, 3.0, 3.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 5.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])
+    return scores, values, mask, kl
+
+
+def test_ppo_advantages_by_hand_kl_in_the_reward():
+    # kl_coef 0.5: rewards [-0.05, -0.1, 1 - 0.15 = 0.85]; gamma 1, lam 0.5, V = [0.2, 0.4, 0.5], V after = 0:
+    # delta_2 = 0.85 - 0.5 = 0.35 -> A_2 = 0.35; delta_1 = -0.1 + 0.5 - 0.4 = 0 -> A_1 = 0.5 * 0.35 = 0.175;
+    # delta_0 = -0.05 + 0.4 - 0.2 = 0.15 -> A_0 = 0.15 + 0.5 * 0.175 = 0.2375; returns = A + V = [0.4375, 0.575, 0.85]
+    scores, values, mask, kl = _ppo_inputs()
+    adv, ret = ppo_advantages(scores, values, mask, kl, kl_coef=0.5, gamma=1.0, lam=0.5, whiten_advantages=False)
+    torch.testing.assert_close(adv, torch.tensor([[0.2375, 0.175, 0.35, 0.0], [0.0] * 4]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ret, torch.tensor([[0.4375, 0.575, 0.85, 0.0], [0.0] * 4]), atol=1e-6, rtol=0)
+
+
+def test_ppo_advantages_whitening_leaves_the_returns_and_ignores_padding_and_skipped_rows():
+    # whitened [0.2375, 0.175, 0.35]: mean 0.2541667, unbiased var 0.0078646 (std 0.0886825)
+    # -> [-0.187938, -0.892705, 1.080643]; the returns are formed before whitening, so they stay as above
+    scores, values, mask, kl = _ppo_inputs()
+    adv, ret = ppo_advantages(scores, values, mask, kl, kl_coef=0.5, gamma=1.0, lam=0.5, whiten_advantages=True)
+    torch.testing.assert_close(adv[0, :3], torch.tensor([-0.187938, -0.892705, 1.080643]), atol=1e-5, rtol=0)
+    assert adv[0, 3] == 0 and torch.equal(adv[1], torch.zeros(4))
+    torch.testing.assert_close(ret[0], torch.tensor([0.4375, 0.575, 0.85, 0.0]), atol=1e-6, rtol=0)
+
+
+def test_ppo_advantages_without_kl_coef_ignore_the_kl():
+    # kl_coef 0, gamma 0.9, lam 1: rewards [0, 0, 1]; A_t = sum_k (0.9)^k delta_{t+k} = 0.9^(2-t) * 1 - V_t
+    # (telescoping with lam = 1): A = [0.81 - 0.2, 0.9 - 0.4, 1 - 0.5] = [0.61, 0.5, 0.5]
+    scores, values, mask, kl = _ppo_inputs()
+    adv, _ = ppo_advantages(scores, values, mask, kl, kl_coef=0.0, gamma=0.9, lam=1.0, whiten_advantages=False)
+    torch.testing.assert_close(adv[0, :3], torch.tensor([0.61, 0.5, 0.5]), atol=1e-6, rtol=0)
+
+
+def test_explained_variance_by_hand():
+    # R = [1, 2, 4]: var 14/9; R - V = [0, 0, 1]: var 2/9 -> 1 - 1/7 = 6/7; padding (garbage) ignored
+    values = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
+    returns = torch.tensor([[1.0, 2.0, 4.0, -7.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert explained_variance(values, returns, mask) == pytest.approx(6 / 7, abs=1e-6)
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0, abs=1e-6)
+    assert explained_variance(torch.full_like(values, 7 / 3), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(explained_variance(values, torch.ones_like(returns), mask))  # constant returns
