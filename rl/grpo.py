@@ -1,11 +1,13 @@
 """The online controller: prompts -> rollout workers -> rewards -> advantages -> learner -> weight sync.
 
-One trainer runs every online `algorithm.name` except PPO:
+One trainer runs every online `algorithm.name`:
   - `grpo` (DeepSeekMath 2402.03300): G completions per prompt, rewards normalised within the group, clipped
     policy-gradient step; with the config's variants (clip-higher, dual clip, GSPO ratio, reductions, std);
   - `rloo` (2402.14740) and `reinforce_pp` / `reinforce_pp_baseline` (2501.03262): other advantages, same loss;
   - `rft`: keep the best / verified completions per prompt and take an SFT step on them (`rl/rft.py`);
-  - `opd`: on-policy distillation, a teacher actor grades every sampled token (`rl/opd.py`, `rl/teacher.py`).
+  - `opd`: on-policy distillation, a teacher actor grades every sampled token (`rl/opd.py`, `rl/teacher.py`);
+  - `ppo` (1707.06347): a critic actor's values, GAE per token, the policy and the critic trained side by side
+    (`rl/ppo.py`, `rl/critic.py`).
 Options shared by the policy-gradient ones: DAPO's dynamic sampling (drop zero-variance groups, generate more
 prompts to refill, at most `max_refill_rounds` extra rounds), several updates per rollout batch, and the KL to the
 reference in the loss or in the reward. This module only wires components; the math lives in `rl/advantages*.py`,
@@ -40,6 +42,7 @@ from posttrain.rl.evaluation import eval_params, score_eval
 from posttrain.rl.kl import kl_estimate
 from posttrain.rl.opd import heldout_reverse_kl, opd_batch, start_opd_teacher, teacher_path
 from posttrain.rl.placement import Placement
+from posttrain.rl.ppo import ppo_batch, start_critic
 from posttrain.rl.report import CURVES, OPD_CURVES, plot_curves, summary_table
 from posttrain.rl.rft import rft_keep_mask
 from posttrain.rl.run_dir import (
@@ -142,8 +145,11 @@ class OnlineTrainer:
         self.pool: RolloutPool = components.start_rollout_pool(cfg, self.model_path, self.placement)
         self.teacher = start_opd_teacher(cfg, teacher) if teacher else None
         self.learner = components.start_learner(cfg, self.model_path, self.teacher, self.placement)
+        self.critic = start_critic(cfg, self.model_path) if cfg.algorithm.name == "ppo" else None
         if resume_ckpt is not None:
             ray.get(self.learner.load_checkpoint.remote(str(resume_ckpt)))
+            if self.critic is not None:
+                ray.get(self.critic.load_checkpoint.remote(str(resume_ckpt)))
             self._sync_weights()
         # resuming drops the rows of steps after the checkpoint (all rows if there was no checkpoint yet)
         keep_until = (self.start_step if resume_ckpt else -1) if cfg.resume else None
@@ -338,12 +344,19 @@ class OnlineTrainer:
         elif self.cfg.algorithm.name == "opd":
             pad_id = self.format.tokenizer.pad_token_id
             batch, batch_metrics = opd_batch(self.cfg, rollout.samples, rollout.totals, pad_id, self.teacher)
+        elif self.critic is not None:
+            pad_id = self.format.tokenizer.pad_token_id
+            batch, batch_metrics = ppo_batch(
+                self.cfg, rollout.samples, rollout.totals, pad_id, self.learner, self.critic
+            )
         elif rollout.rows:
             batch, batch_metrics = self.policy_batch(rollout)
         else:
             batch, batch_metrics = None, {}
         if batch is not None:
+            critic_ref = self.critic.train_step.remote(batch) if self.critic is not None else None  # side by side
             train_metrics = ray.get(self.learner.train_step.remote(batch))
+            train_metrics.update(ray.get(critic_ref) if critic_ref is not None else {})
             t3 = time.perf_counter()
             self.policy_version += 1
             overlap = self._finish_next_rollout()
@@ -374,6 +387,8 @@ class OnlineTrainer:
     def _checkpoint(self, step: int) -> None:
         staging = checkpoint_staging(self.run_dir, step)
         ray.get(self.learner.save_checkpoint.remote(str(staging)))
+        if self.critic is not None:
+            ray.get(self.critic.save_checkpoint.remote(str(staging)))
         state = {"step": step, "data_position": step * self.cfg.algorithm.prompts_per_step, "seed": self.cfg.seed}
         commit_checkpoint(self.run_dir, staging, step, state, self.cfg.checkpoint.keep_last)
 
