@@ -4,6 +4,11 @@ The tokenizer is character level over printable ASCII plus newline and tab, with
 any UTF-8 text round-trips through encode/decode. Special tokens: `<|pad|>` (pad), `<|im_start|>` (bos),
 `<|im_end|>` (eos). No special tokens are added when encoding (like SmolLM2 and Qwen): the ChatML template writes
 them, so a formatted prompt is tokenized with `add_special_tokens=False` or True to the same ids.
+
+With `tokenizer=` a tiny model takes a real model's tokenizer instead (a random student that can be distilled
+from that model):
+
+    python -m posttrain.models.tiny runs/smollm2-tiny --tokenizer smollm2-135m-instruct --hidden-size 128
 """
 
 from __future__ import annotations
@@ -62,7 +67,13 @@ def build_tiny_tokenizer():
 
 
 def build_tiny_model(
-    out_dir: str | Path, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    tokenizer: str | None = None,
 ) -> Path:
     """Write a randomly initialised `LlamaForCausalLM` (fp32) and its tokenizer to `out_dir` with `save_pretrained`.
 
@@ -73,6 +84,9 @@ def build_tiny_model(
         num_heads: query heads; key/value heads are num_heads // 2 when even (grouped-query attention, as in the
             real models), else num_heads.
         seed: torch seed for the weights (same seed -> bitwise same weights).
+        tokenizer: a model folder, hub id or alias whose tokenizer (vocabulary, special tokens, chat template) the
+            tiny model uses instead of the character-level one, e.g. a random student that shares a real teacher's
+            tokenizer for on-policy distillation. The embedding then has that tokenizer's size (SmolLM2: 49152).
     Returns:
         `out_dir` as a Path, loadable with `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained`.
     """
@@ -82,7 +96,12 @@ def build_tiny_model(
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     out_dir = Path(out_dir)
-    tokenizer = build_tiny_tokenizer()
+    if tokenizer is None:
+        tokenizer = build_tiny_tokenizer()
+    else:
+        from posttrain.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -110,7 +129,9 @@ def build_tiny_model(
     return out_dir
 
 
-def tiny_model_path(*, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0) -> Path:
+def tiny_model_path(
+    *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, seed: int = 0, tokenizer: str | None = None
+) -> Path:
     """Build a tiny model once per argument set and return its cached folder (same kwargs as `build_tiny_model`).
 
     The folder is `<tempdir>/posttrain-tiny/<hash>`, where the hash covers the arguments, this file's source and
@@ -120,6 +141,10 @@ def tiny_model_path(*, hidden_size: int = 64, num_layers: int = 2, num_heads: in
     import transformers
 
     kwargs = dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, seed=seed)
+    if tokenizer is not None:  # the resolved folder is part of the key (an alias may move with its cache)
+        from posttrain.models.loading import resolve_model_path
+
+        kwargs["tokenizer"] = resolve_model_path(tokenizer)
     key = json.dumps(kwargs, sort_keys=True) + transformers.__version__ + Path(__file__).read_text()
     root = Path(tempfile.gettempdir()) / "posttrain-tiny"
     final = root / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -138,3 +163,31 @@ def tiny_model_path(*, hidden_size: int = 64, num_layers: int = 2, num_heads: in
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return final
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random Llama model (a student for quick experiments).")
+    parser.add_argument("out_dir")
+    parser.add_argument(
+        "--tokenizer", help="model folder, hub id or alias whose tokenizer to use (default: characters)"
+    )
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = build_tiny_model(
+        args.out_dir,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+    )
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ import tempfile
 import threading
 import time
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,3 +103,17 @@ def test_tiny_model_path_caches_per_kwargs_and_survives_a_race(tmp_path, monkeyp
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
     assert tiny_model_path(hidden_size=32, num_layers=1, num_heads=2, seed=5) == results[0]
     assert tiny_model_path(hidden_size=32, num_layers=1, num_heads=2, seed=6) != results[0]
+
+
+def test_a_tiny_model_can_take_a_real_models_tokenizer(tmp_path):
+    pytest.importorskip("gguf")  # the demo model (SmolLM2) is converted from its GGUF file
+    from posttrain.rl.teacher import check_same_tokenizer
+
+    out = build_tiny_model(tmp_path / "m", hidden_size=32, seed=1, tokenizer="smollm2-135m-instruct")
+    check_same_tokenizer(str(out), "smollm2-135m-instruct")  # on-policy distillation accepts it as SmolLM2's student
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer) == 49152 and model.config.hidden_size == 32
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert "<|im_start|>system" in tokenizer.chat_template  # SmolLM2's template, not the tiny one
+    assert tokenizer.chat_template != CHATML_TEMPLATE
