@@ -18,7 +18,8 @@ several nodes the run folder must be on shared storage, as for one learner).
 
 Backend: gloo when the learners are on CPU, NCCL when they have GPUs (`placement.learner_gpus > 0`). Rank 0 picks
 its node's address and a free port; all ranks join with `placement.timeout_s`, so a peer that never comes fails
-with an error naming the key instead of hanging; the same timeout bounds every later collective.
+with an error naming the key instead of hanging; the same timeout bounds every later collective, so when one rank
+fails mid-step the others raise too once their next collective times out, and the driver sees the first error.
 """
 
 from __future__ import annotations
@@ -211,10 +212,24 @@ class _Method:
         return self._fn(*args, **kwargs)
 
 
+RANK0_METHODS = (
+    "get_weights",
+    "get_lora_adapter",
+    "save_checkpoint",
+    "save_final",
+    "put_weight_buckets",
+    "weight_group_address",
+    "join_weight_group",
+    "broadcast_weights",
+    "next_ipc_bucket",
+)
+"""learner calls that read the (identical) weights or write files: rank 0 alone answers them"""
+
+
 class LearnerGroup:
-    """M data-parallel learner actors behind the single learner actor's calls: `train_step`, `logprobs`,
-    `get_weights`, `save_checkpoint`, `load_checkpoint`, `save_final`, `ready`, each `.remote(...)` returning one
-    ObjectRef (so the driver code is the same for 1 or M learners)."""
+    """M data-parallel learner actors behind the single learner actor's calls, each `.remote(...)` returning one
+    ObjectRef (so the driver code is the same for 1 or M learners): `train_step` and `logprobs` split the batch
+    over the ranks, `load_checkpoint` and `ready` go to every rank, `RANK0_METHODS` to rank 0."""
 
     def __init__(
         self,
@@ -233,8 +248,10 @@ class LearnerGroup:
         ]
         self.mini_batches = settings.mini_batches
         self.timeout_s = timeout_s
-        for name in ("train_step", "logprobs", "get_weights", "save_checkpoint", "load_checkpoint", "save_final"):
+        for name in ("train_step", "logprobs", "load_checkpoint"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
+        for name in RANK0_METHODS:
+            setattr(self, name, getattr(self.actors[0], name))
         self.ready = _Method(lambda: _first.remote(*[a.ready.remote() for a in self.actors]))
 
     def start(self) -> LearnerGroup:
@@ -276,15 +293,6 @@ class LearnerGroup:
             actor.logprobs.remote(select_rows(batch, rows)) for actor, (rows, _) in zip(self.actors, plan, strict=True)
         ]
         return _concat_logprobs.remote(*refs)
-
-    def _get_weights(self, *args, **kwargs):
-        return self.actors[0].get_weights.remote(*args, **kwargs)
-
-    def _save_checkpoint(self, out_dir: str):
-        return self.actors[0].save_checkpoint.remote(out_dir)
-
-    def _save_final(self, out_dir: str):
-        return self.actors[0].save_final.remote(out_dir)
 
     def _load_checkpoint(self, ckpt_dir: str):
         return _first.remote(*[actor.load_checkpoint.remote(ckpt_dir) for actor in self.actors])

@@ -155,6 +155,8 @@ def test_group_logprobs_equal_the_single_learners(group):
     (policy, ref), (expected_policy, expected_ref) = ray.get(group.logprobs.remote(batch)), single.logprobs(batch)
     torch.testing.assert_close(policy, expected_policy, rtol=0, atol=1e-6)
     torch.testing.assert_close(ref, expected_ref, rtol=0, atol=1e-6)
+    adapter = ray.get(group.get_lora_adapter.remote(), timeout=60)  # rank-0 calls pass through the group
+    assert adapter is not None
 
 
 def test_rank_0_saves_and_every_rank_loads_a_checkpoint(group, tmp_path):
