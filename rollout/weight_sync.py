@@ -84,13 +84,19 @@ def bucketize(
 def skip_tied(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Drop a tensor that is the very same memory as one already passed on (same address, dtype, shape, strides):
     tied weights, e.g. `lm_head.weight` that is `model.embed_tokens.weight` (SmolLM2, Qwen2.5-0.5B). The receiving
-    model, built from the same checkpoint, ties them too, so loading one updates both; vLLM skips the tied head."""
-    seen = set()
+    model, built from the same checkpoint, ties them too, so loading one updates both; vLLM skips the tied head.
+
+    Every tensor passed on is kept referenced until the walk ends: an address identifies memory only while that
+    memory is alive, and a LoRA-merged copy that was packed and dropped would otherwise free its address for the next
+    merged copy, which was then skipped as a "tie" (an intermittent lost update of a whole layer, fixed here). Views
+    of live parameters cost nothing to keep; the merged copies of the adapted layers are held until the sync's walk
+    ends (the learner's extra memory during a LoRA sync is those layers' merged weights, as before bucketing)."""
+    seen: dict[tuple, torch.Tensor] = {}
     for name, tensor in named_tensors:
         key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
         if tensor.numel() and key in seen:
             continue
-        seen.add(key)
+        seen[key] = tensor
         yield name, tensor
 
 

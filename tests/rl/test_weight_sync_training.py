@@ -1,6 +1,6 @@
 """After a training step and a bucketed sync, the rollout worker holds the learner's new weights bitwise and
 greedy-decodes with them: each token it picks should be the learner model's argmax (up to fp32 near-ties)
-with the learner's log-prob (intermittently failing: see the xfail)."""
+with the learner's log-prob."""
 
 from __future__ import annotations
 
@@ -45,12 +45,6 @@ def _learner_logprobs(weights: dict[str, torch.Tensor], prompt_ids: list[int], c
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-merged"])
-@pytest.mark.xfail(
-    strict=False,
-    reason="KNOWN BUG, open (2026-11-23): intermittent (3 failures in ~10 runs on 2 shared cores): once the worker's "
-    "weights after the bucketed LoRA-merged sync were not bitwise the learner's get_weights(False) (torch.equal failed "
-    "before any generation), twice its greedy tokens differed from the learner model's (full and LoRA); not explained",
-)
 def test_worker_greedy_equals_learner_greedy_after_a_step(tmp_path, ray_session, lora):
     ray = ray_session
     trainer = OnlineTrainer(validate_config(_recipe(tmp_path, lora)))

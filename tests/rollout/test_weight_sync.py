@@ -231,3 +231,14 @@ def test_a_tied_model_loads_a_sync_without_its_tied_head(tmp_path, model_path):
     synced = engine.get_weights()
     for name, tensor in models[1].state_dict().items():
         assert torch.equal(synced[name], tensor), name
+
+
+def test_skip_tied_never_mistakes_a_freed_tensors_address_for_a_tie():
+    """Fresh tensors (LoRA-merged copies) dropped by the consumer free their memory, and the next one of the same size
+    often gets the same address: each must still be passed on (the old address-only check skipped them)."""
+
+    def fresh():
+        for i in range(50):
+            yield f"t{i}", torch.full((4096,), float(i))
+
+    assert [name for name, _ in skip_tied(fresh())] == [f"t{i}" for i in range(50)]
