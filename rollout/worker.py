@@ -88,6 +88,21 @@ class RolloutWorkerImpl(WeightReceiver):
         """See `InferenceEngine.get_weights`."""
         return self.engine.get_weights(names)
 
+    def sleep(self, level: int) -> float:
+        """Free the engine's GPU memory while the learner trains (`InferenceEngine.sleep`); returns wall seconds."""
+        start = time.perf_counter()
+        self.engine.sleep(level)
+        return time.perf_counter() - start
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> float:
+        """`InferenceEngine.wake_up` (tags: "weights", "kv_cache"; None: all); returns wall seconds."""
+        start = time.perf_counter()
+        self.engine.wake_up(tags)
+        return time.perf_counter() - start
+
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping
+
     def load_lora_adapter(self, adapter_or_ref: LoraAdapter | Sequence[ray.ObjectRef]) -> float:
         """Adapter-only LoRA sync (vllm engine): later generations use this adapter on the base weights; returns wall
         seconds. Takes the adapter or a list holding one `ray.ObjectRef` to it (as `load_weights`)."""
