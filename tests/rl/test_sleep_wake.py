@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, check_resumable, dump_config, load_config, validate_config
+from posttrain.models.loading import load_model
 from posttrain.models.tiny import tiny_model_path
 from posttrain.rl import components
 from posttrain.rl.grpo import OnlineTrainer
 from posttrain.rollout.pool import RolloutPool
+from posttrain.rollout.types import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 LENGTH_REWARD = Path(__file__).parent / "data" / "length_reward.py"
@@ -157,3 +159,61 @@ def test_each_step_sleeps_after_generating_and_wakes_weights_then_kv_cache_aroun
         trainer.scorer.close()
         for actor in [trainer.learner.actor, *trainer.pool.workers]:
             ray.kill(actor)
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+
+
+def _free_bytes(worker) -> int:
+    """Free memory of the GPU as the worker's process sees it (vLLM's allocations are outside torch's allocator)."""
+    import ray
+
+    return ray.get(worker.__ray_call__.remote(lambda _: (torch.cuda.synchronize(), torch.cuda.mem_get_info()[0])[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's sleep mode needs a CUDA GPU")
+def test_colocated_vllm_sleeps_during_training_and_generates_with_the_synced_weights(tmp_path, ray_session):
+    ray = ray_session
+    recipe = {
+        "name": "sleep-gpu",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"path": str(tiny_model_path(num_heads=2))},
+        "data": {"kind": "arithmetic", "num_problems": 8, "seed": 1, "max_value": 9},
+        "rewards": [{"fn": f"{LENGTH_REWARD}:length_reward"}],
+        "algorithm": {"prompts_per_step": 2, "samples_per_prompt": 2, "advantage_std": "none"},
+        "rollout": {"engine": "vllm", "sleep_level": 2, "gpu_memory_utilization": 0.3, "max_new_tokens": 8},
+        "train": {"steps": 2, "lr": 5e-2, "micro_batch_size": 4},
+        "placement": ONE_GPU,
+        "scoring": {"workers": 0},
+        "logging": {"progress": False},
+    }
+    trainer = OnlineTrainer(validate_config(recipe))
+    worker = trainer.pool.workers[0]
+    try:
+        metrics = [trainer.train_step(step)[0] for step in (1, 2)]
+        assert all(m["time/sleep"] > 0 and m["time/wake"] > 0 and m["updates"] == 1 for m in metrics)
+        awake = _free_bytes(worker)
+        trainer.pool.sleep(2)
+        freed = _free_bytes(worker) - awake
+        trainer.pool.wake_up()
+        total = ray.get(worker.__ray_call__.remote(lambda _: torch.cuda.get_device_properties(0).total_memory))
+        assert freed > 0.2 * total, (freed, total)  # most of vLLM's 30% is KV cache
+        # after the step's sleep, wake and sync the engine decodes greedily with the learner's new weights
+        learner_w = ray.get(trainer.learner.get_weights.remote(False))
+        worker_w = ray.get(worker.get_weights.remote())
+        assert all(torch.equal(worker_w[name], tensor) for name, tensor in learner_w.items())
+        model = load_model(recipe["model"]["path"]).to("cuda").eval()
+        model.load_state_dict({k: v.to("cuda") for k, v in learner_w.items()}, strict=True)
+        prompts = trainer.format(trainer.train_rows[:3])
+        for result in trainer.pool.generate(prompts, SamplingParams(n=1, temperature=0, max_new_tokens=8)):
+            completion, start = result.completions[0], len(result.prompt_token_ids)
+            ids = torch.tensor([result.prompt_token_ids + completion.token_ids], device="cuda")
+            with torch.no_grad():
+                lp_LV = torch.log_softmax(model(ids).logits[0, start - 1 : -1].float(), dim=-1).cpu()
+            chosen = lp_LV.gather(1, torch.tensor(completion.token_ids)[:, None]).squeeze(1)
+            assert float((lp_LV.max(-1).values - chosen).max()) < 1e-3  # each token the learner's argmax
+            assert float((torch.tensor(completion.logprobs) - chosen).abs().max()) < 1e-3
+    finally:
+        trainer.scorer.close()
+        trainer.placement.remove()
