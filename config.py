@@ -49,7 +49,8 @@ class ModelConfig(_Section):
     lora: LoraConfig | None = None
     """train a LoRA adapter instead of full weights (the reference model is then the base, adapter off)"""
     quantize: Literal["none", "nf4", "fp4"] = "none"
-    """QLoRA: hold the base weights in 4 bits (bitsandbytes; needs `lora`; offline algorithms only for now)"""
+    """QLoRA: hold the base's linear layers in 4 bits (bitsandbytes; needs `lora`); online runs sync the dequantized
+    weights to the engines (rollout.lora_sync: merged)"""
     system_prompt: str | None = None
     """system message put before every prompt"""
     use_chat_template: bool = True
@@ -475,13 +476,15 @@ class RecipeConfig(_Section):
     @model_validator(mode="after")
     def _check_offline(self) -> RecipeConfig:
         name = self.algorithm.name
-        if self.model.quantize != "none" and (
-            self.model.lora is None or name not in OFFLINE_ALGORITHMS + TRACE_ALGORITHMS
-        ):
+        if self.model.quantize != "none" and self.model.lora is None:
             raise ValueError(
-                "model.quantize: 4-bit base weights (QLoRA) need model.lora and an offline algorithm "
-                f"({', '.join(OFFLINE_ALGORITHMS + TRACE_ALGORITHMS)}; "
-                f"got lora={'set' if self.model.lora else 'null'}, algorithm.name={name})"
+                f"model.quantize: 4-bit base weights (QLoRA, {self.model.quantize}) train a LoRA adapter; set "
+                "model.lora (e.g. model.lora={rank: 16}) or model.quantize=none"
+            )
+        if self.model.quantize != "none" and self.rollout.lora_sync == "adapter":
+            raise ValueError(
+                "rollout.lora_sync: `adapter` would apply the adapter to the engines' full-precision base, not to the "
+                "4-bit base the learner trains on (model.quantize); allowed with quantize: merged"
             )
         if name not in OFFLINE_ALGORITHMS:
             if not self.rewards and not (name == "opd" and self.opd.reward_coef == 0):

@@ -62,12 +62,27 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-actor weight-loading bars would interleave with the run's progress bar
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path),
         dtype=torch_dtype(dtype),
         trust_remote_code=trust_remote_code,
         **quantization_kwargs(quantize, dtype),
     )
+    return keep_4bit_layout(model) if quantize != "none" else model
+
+
+def keep_4bit_layout(model):
+    """Keep every bitsandbytes 4-bit layer in its one storage layout; returns `model`.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval-mode no-grad forward into an
+    inference layout whose block scales are rounded to bfloat16 (and stays repacked): a trainer's no-grad passes
+    (lp_old, the reference) would then compute with other weights than its training passes and than the dequantized
+    weights sent to the rollout engines (`models.lora.dequantized_weight`). Turned off here for every 4-bit layer.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def quantization_kwargs(quantize: str, dtype: str) -> dict:

@@ -3,6 +3,11 @@
 LoRA (Hu et al. 2021, eq. 3): a target linear layer computes `W x + scale * B A x` with `A: [r, in]`,
 `B: [out, r]` and `scale = alpha / r`. The merged weight `W + scale * B @ A` makes a plain copy of the base
 architecture compute the same function (up to float rounding), which is what rollout engines load.
+
+QLoRA (Dettmers et al. 2023): the base linear layers hold W in 4 bits (bitsandbytes `Params4bit`) and compute with
+`dequantize(Q(W))` in the compute dtype, so the plain weights that reproduce such a model are
+`dequantize(Q(W)) + scale * B @ A` for an adapted layer and `dequantize(Q(W))` for every other 4-bit layer (not the
+full-precision W of the checkpoint: the rounding differs by up to half a quantization step).
 """
 
 from __future__ import annotations
@@ -70,8 +75,9 @@ def merged_state_dict(model: nn.Module, only_lora_targets: bool = False) -> dict
     Returns:
         `{plain parameter name: tensor}` keyed like the base model's own `state_dict()` (e.g.
         `model.layers.0.self_attn.q_proj.weight`; no `base_model.model.` prefix, no `base_layer`, no lora keys);
-        tensors are detached, contiguous CPU copies in the base weights' dtype. `model` is not modified: the merge
-        `W + sum over active adapters of scale * B @ A` is computed out of place.
+        tensors are detached, contiguous CPU copies in the base weights' dtype (a 4-bit layer's: its compute dtype,
+        dequantized as it computes). `model` is not modified: the merge `W + sum over active adapters of
+        scale * B @ A` is computed out of place.
     """
     return {name: _cpu_copy(tensor) for name, tensor in iter_merged_tensors(model, only_lora_targets)}
 
@@ -85,11 +91,12 @@ def iter_merged_tensors(model: nn.Module, only_lora_targets: bool = False) -> It
     """
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel):
+    if not isinstance(model, PeftModel) and not any(_is_4bit(p) for p in model.parameters()):
         yield from ((name, tensor.detach()) for name, tensor in model.state_dict().items())
         return
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
     with torch.no_grad():
-        yield from _iter_plain(model.get_base_model(), "", only_lora_targets)
+        yield from _iter_plain(base, "", only_lora_targets and isinstance(model, PeftModel))
 
 
 def _iter_plain(module: nn.Module, prefix: str, only_lora_targets: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -106,22 +113,51 @@ def _iter_plain(module: nn.Module, prefix: str, only_lora_targets: bool) -> Iter
         yield from _iter_plain(chosen, prefix, only_lora_targets)
         return
     if not only_lora_targets:
-        for name, param in module.named_parameters(recurse=False):
-            yield prefix + name, param.detach()
-        for name, buffer in module.named_buffers(recurse=False):
-            if name not in module._non_persistent_buffers_set:
-                yield prefix + name, buffer.detach()
+        yield from _plain_tensors(module, prefix)
     for name, child in module.named_children():
         yield from _iter_plain(child, f"{prefix}{name}.", only_lora_targets)
 
 
+def _plain_tensors(module: nn.Module, prefix: str, weight: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """`module`'s own parameters and persistent buffers (not its children's) under plain names, `weight` left out if
+    not `weight`; a 4-bit weight comes dequantized (a fresh tensor), everything else as a detached view."""
+    for name, param in module.named_parameters(recurse=False):
+        if name == "weight" and not weight:
+            continue
+        yield prefix + name, dequantized_weight(module) if _is_4bit(param) else param.detach()
+    for name, buffer in module.named_buffers(recurse=False):
+        if name not in module._non_persistent_buffers_set:
+            yield prefix + name, buffer.detach()
+
+
+def _is_4bit(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "Params4bit"  # bitsandbytes, imported only where it is used
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a linear layer computes with: a plain weight as is (detached); a bitsandbytes 4-bit weight
+    dequantized with its quant state (`bitsandbytes.functional.dequantize_4bit`) and cast to the layer's compute
+    dtype, exactly as `Linear4bit`'s training forward does. Other weight types raise NotImplementedError."""
+    weight = layer.weight
+    if type(weight) in (torch.Tensor, nn.Parameter):
+        return weight.detach()
+    if not _is_4bit(weight):
+        raise NotImplementedError(f"merging a {type(weight).__name__} weight is not supported (plain or 4-bit only)")
+    from bitsandbytes.functional import dequantize_4bit
+
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # `models.loading.keep_4bit_layout` prevents this layout
+        raise NotImplementedError("a 4-bit weight repacked for CPU inference (bfloat16 block scales) cannot be merged")
+    compute_dtype = getattr(layer, "compute_dtype", None) or state.dtype
+    return dequantize_4bit(weight.data, state).to(compute_dtype)
+
+
 def _merged_lora_layer(layer, prefix: str) -> dict[str, torch.Tensor]:
-    """The base layer's tensors with `weight` replaced by W + sum(scale * B @ A) over the active, unmerged adapters."""
+    """The base layer's tensors with `weight` replaced by W + sum(scale * B @ A) over the active, unmerged adapters
+    (W dequantized for a 4-bit base layer)."""
     base = layer.get_base_layer()
-    weight = base.weight
-    if type(weight) not in (torch.Tensor, nn.Parameter):  # e.g. bitsandbytes Params4bit
-        raise NotImplementedError(f"merging into a quantized base layer ({type(weight).__name__}) is not supported")
-    merged = weight.detach().to(torch.float32)
+    weight = dequantized_weight(base)
+    merged = weight.to(torch.float32)
     if not layer.disable_adapters:
         for adapter in layer.active_adapters:
             if adapter not in layer.lora_A or adapter in layer.merged_adapters:
@@ -129,8 +165,8 @@ def _merged_lora_layer(layer, prefix: str) -> dict[str, torch.Tensor]:
             if layer.use_dora.get(adapter, False) or layer.lora_bias.get(adapter, False):
                 raise NotImplementedError(f"merging DoRA / lora_bias adapters is not supported ({prefix})")
             merged = merged + layer.get_delta_weight(adapter).to(torch.float32)
-    tensors = {f"{prefix}{name}": _cpu_copy(tensor) for name, tensor in base.state_dict().items()}
-    tensors[f"{prefix}weight"] = _cpu_copy(merged.to(weight.dtype))
+    tensors = {f"{prefix}weight": _cpu_copy(merged.to(weight.dtype))}
+    tensors.update({name: _cpu_copy(tensor) for name, tensor in _plain_tensors(base, prefix, weight=False)})
     return tensors
 
 
@@ -181,6 +217,25 @@ def _plain_copy(peft_model) -> nn.Module:
     if getattr(base, "generation_config", None) is not None:
         plain.generation_config = base.generation_config
     return plain
+
+
+def full_precision_copy(qlora_model, plain_base: nn.Module):
+    """`qlora_model`'s trained adapters (and fully trained modules such as a reward head) on `plain_base`, a fresh
+    full-precision load of the same checkpoint: a `PeftModel` to save as a plain merged folder (`save_merged`).
+
+    Deviation, stated: the merge then uses the checkpoint's full-precision base weights, not their 4-bit rounding
+    that the adapter was trained against (the usual QLoRA export; peft's own merge would re-quantize the result), so
+    the saved model differs from the trained one by the base's quantization error (`merged_state_dict` of the QLoRA
+    model itself gives the exact dequantized merge, which is what the rollout engines run during training).
+    """
+    from copy import deepcopy
+
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    name = qlora_model.active_adapter
+    copy = get_peft_model(plain_base, deepcopy(qlora_model.peft_config[name]), adapter_name=name)
+    set_peft_model_state_dict(copy, get_peft_model_state_dict(qlora_model, adapter_name=name), adapter_name=name)
+    return copy
 
 
 def _replace_dir(new_dir: Path, out_dir: Path) -> None:

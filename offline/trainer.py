@@ -27,8 +27,16 @@ from tqdm import tqdm
 
 from posttrain.config import ConfigError, RecipeConfig
 from posttrain.data.sources import batch_indices
-from posttrain.models.loading import load_model, load_tokenizer, quantization_kwargs, resolve_model_path, torch_dtype
+from posttrain.models.loading import (
+    keep_4bit_layout,
+    load_model,
+    load_tokenizer,
+    quantization_kwargs,
+    resolve_model_path,
+    torch_dtype,
+)
 from posttrain.models.lora import LoraSettings, apply_lora, save_merged
+from posttrain.models.lora import full_precision_copy as lora_full_precision_copy
 from posttrain.offline import objectives as obj
 from posttrain.offline.data import ChatTokenizer, preference_pairs, sft_sequences
 from posttrain.rl.learner import lr_lambda, restore_training_state
@@ -81,6 +89,7 @@ def load_policy(cfg: RecipeConfig, model_path: str, tokenizer):
         )
         if model.config.pad_token_id is None:  # transformers finds the last real token through the pad id
             model.config.pad_token_id = tokenizer.pad_token_id
+        keep_4bit_layout(model)
     else:
         model = load_model(model_path, dtype=cfg.model.dtype, quantize=cfg.model.quantize)
     lora = cfg.model.lora
@@ -90,17 +99,10 @@ def load_policy(cfg: RecipeConfig, model_path: str, tokenizer):
 
 
 def full_precision_copy(cfg: RecipeConfig, model_path: str, qlora_model, tokenizer):
-    """The QLoRA adapter on a fresh full-precision base, for saving a plain merged folder.
-
-    Deviation, stated: the merge uses the original `model.dtype` base weights, not their 4-bit rounding that the
-    adapter was trained against (the usual QLoRA export; peft's own merge would re-quantize the result).
-    """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    plain_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantize": "none"})})
-    copy = load_policy(plain_cfg, model_path, tokenizer)
-    set_peft_model_state_dict(copy, get_peft_model_state_dict(qlora_model))
-    return copy
+    """The QLoRA adapter on a fresh full-precision base, for saving a plain merged folder (the deviation this makes,
+    stated: `models.lora.full_precision_copy`)."""
+    plain_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"quantize": "none", "lora": None})})
+    return lora_full_precision_copy(qlora_model, load_policy(plain_cfg, model_path, tokenizer))
 
 
 class OfflineTrainer:

@@ -115,6 +115,7 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         model_path=model_path,
         dtype=cfg.model.dtype,
         lora=LoraSettings(lora.rank, lora.alpha, lora.dropout, list(lora.target_modules)) if lora else None,
+        quantize=cfg.model.quantize,
         lr=train.lr,
         betas=tuple(train.adam_betas),
         weight_decay=train.weight_decay,

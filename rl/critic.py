@@ -46,6 +46,8 @@ class CriticSettings:
     model_path: str
     dtype: str = "float32"
     lora: LoraSettings | None = None
+    quantize: str = "none"
+    """QLoRA: the backbone's linear layers in 4 bits ("nf4" / "fp4"; needs `lora`), as the policy's"""
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -91,11 +93,16 @@ class ValueModel(nn.Module):
         return torch.where(attention_mask_BT[:, completion_start:].bool(), values_BC, 0.0)
 
 
-def load_value_model(model_path: str, dtype: str = "float32", lora: LoraSettings | None = None, seed: int = 0):
+def load_value_model(
+    model_path: str, dtype: str = "float32", lora: LoraSettings | None = None, seed: int = 0, quantize: str = "none"
+):
     """The checkpoint's backbone (its LM head dropped) + a fresh value head (seeded); with `lora`, adapters on the
-    backbone and only they and the head trainable."""
+    backbone and only they and the head trainable; `quantize` "nf4" / "fp4" (QLoRA, needs `lora`): the backbone's
+    linear layers held in 4 bits (the value head stays float32)."""
+    if quantize != "none" and lora is None:
+        raise ValueError("CriticSettings.quantize: a 4-bit backbone (QLoRA) needs lora (model.lora)")
     torch.manual_seed(seed)
-    causal_lm = load_model(model_path, dtype=dtype)
+    causal_lm = load_model(model_path, dtype=dtype, quantize=quantize)
     backbone = causal_lm.base_model  # e.g. LlamaModel: the transformer without the LM head
     if lora is not None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -113,7 +120,7 @@ class CriticImpl:
     def __init__(self, settings: CriticSettings):
         self.settings = s = settings
         torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
-        self.model = load_value_model(s.model_path, s.dtype, s.lora, s.seed)
+        self.model = load_value_model(s.model_path, s.dtype, s.lora, s.seed, s.quantize)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)

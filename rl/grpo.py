@@ -150,7 +150,12 @@ class OnlineTrainer:
             ray.get(self.learner.load_checkpoint.remote(str(resume_ckpt)))
             if self.critic is not None:
                 ray.get(self.critic.load_checkpoint.remote(str(resume_ckpt)))
-            self._sync_weights()
+        quantized = cfg.model.quantize != "none"
+        if resume_ckpt is not None or quantized:
+            # QLoRA: the engines loaded the checkpoint's full-precision weights, but the learner computes with their
+            # 4-bit rounding, so the first sync (before any rollout) sends every layer dequantized; later syncs send
+            # the adapted layers only (the quantized base never changes)
+            self._sync_weights(full=quantized)
         # resuming drops the rows of steps after the checkpoint (all rows if there was no checkpoint yet)
         keep_until = (self.start_step if resume_ckpt else -1) if cfg.resume else None
         self.logger = RunLogger(self.run_dir, resume_after_step=keep_until)
@@ -181,12 +186,13 @@ class OnlineTrainer:
             return RewardScores([0.0] * len(samples))
         return score(samples, self.scorer, self.cfg.algorithm.on_reward_error, self.cfg.algorithm.samples_per_prompt)
 
-    def _sync_weights(self) -> float:
+    def _sync_weights(self, full: bool = False) -> float:
+        """Bring the engines to the learner's weights; `full`: every weight (else what LoRA training changes)."""
         if self.cfg.rollout.lora_sync == "adapter":  # the adapter alone; the engines keep their base weights
             adapter_ref = self.learner.get_lora_adapter.remote()
             seconds = self.pool.load_lora_adapter(adapter_ref, self.cfg.rollout.sync_timeout_s)
         else:
-            seconds = self.weight_sync()["time/sync"]
+            seconds = self.weight_sync(only_changed=not full)["time/sync"]
         self.rollout_version = self.policy_version
         return seconds
 

@@ -41,7 +41,7 @@ import torch
 
 from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.logprobs import completion_logits, logprobs_from_logits, token_logprobs
-from posttrain.models.lora import LoraSettings, apply_lora, merged_state_dict, save_merged
+from posttrain.models.lora import LoraSettings, apply_lora, full_precision_copy, merged_state_dict, save_merged
 from posttrain.models.lora_adapter import LoraAdapter, lora_adapter
 from posttrain.rl.batch import TrainBatch, batch_to, select_rows
 from posttrain.rl.kl import kl_estimate
@@ -61,6 +61,9 @@ class LearnerSettings:
     model_path: str
     dtype: str = "float32"
     lora: LoraSettings | None = None
+    quantize: str = "none"
+    """QLoRA: "nf4" / "fp4" holds the base's linear layers in 4 bits (needs `lora`); the engines get the dequantized
+    weights (`models.lora`), the final folder the adapter merged into the full-precision base"""
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -164,7 +167,9 @@ class LearnerImpl(WeightSender):
         torch.manual_seed(s.seed)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
         self.tokenizer = load_tokenizer(s.model_path, padding_side="right")
-        model = load_model(s.model_path, dtype=s.dtype).to(self.device)
+        if s.quantize != "none" and not s.lora:
+            raise ValueError("LearnerSettings.quantize: a 4-bit base (QLoRA) needs lora (model.lora)")
+        model = load_model(s.model_path, dtype=s.dtype, quantize=s.quantize).to(self.device)
         self.model = apply_lora(model, s.lora) if s.lora else model
         self.model.train()
         # With full weights and a KL term, the reference is a frozen copy; with LoRA it is the adapter switched off.
@@ -392,8 +397,12 @@ class LearnerImpl(WeightSender):
         return lora_adapter(self.model)
 
     def save_final(self, out_dir: str) -> str:
-        """A plain HF folder (LoRA merged) loadable by `AutoModelForCausalLM.from_pretrained` and by vLLM."""
-        return str(save_merged(self.model, self.tokenizer, out_dir))
+        """A plain HF folder (LoRA merged) loadable by `AutoModelForCausalLM.from_pretrained` and by vLLM; QLoRA: the
+        adapter merged into the checkpoint's full-precision base (`models.lora.full_precision_copy`)."""
+        model = self.model
+        if self.settings.quantize != "none":
+            model = full_precision_copy(model, load_model(self.settings.model_path, dtype=self.settings.dtype))
+        return str(save_merged(model, self.tokenizer, out_dir))
 
     # ------------------------------------------------------------------------------------------- checkpoints
 

@@ -228,11 +228,17 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_saves_a_full_precision_merge(t
     )
 
 
-def test_qlora_is_refused_without_lora_or_for_online_algorithms(tmp_path):
+def test_qlora_is_refused_without_lora_or_with_adapter_syncs(tmp_path):
     with pytest.raises(ConfigError, match="model.quantize: 4-bit base weights"):
         load_config(ROOT / "recipes/sft.yaml", ["model.quantize=nf4", "model.lora=null"])
     with pytest.raises(ConfigError, match="model.quantize: 4-bit base weights"):
-        load_config(ROOT / "recipes/quickstart.yaml", ["model.quantize=nf4"])
+        load_config(ROOT / "recipes/quickstart.yaml", ["model.quantize=nf4", "model.lora=null"])
+    assert load_config(ROOT / "recipes/quickstart.yaml", ["model.quantize=nf4"]).model.quantize == "nf4"  # online
+    # vLLM adapter syncs would put the adapter on the engine's full-precision base, not the learner's 4-bit one
+    with pytest.raises(ConfigError, match="rollout.lora_sync: `adapter` would apply the adapter"):
+        load_config(
+            ROOT / "recipes/quickstart.yaml", ["model.quantize=nf4", "rollout.engine=vllm", "rollout.lora_sync=adapter"]
+        )
 
 
 def test_a_trained_reward_model_scores_the_same_through_the_reward_model_reward(tmp_path, tiny_path):
