@@ -86,10 +86,14 @@ def test_a_few_steps_lower_the_value_loss_on_a_fixed_batch():
     assert losses[-1] < 0.2 * losses[0], losses
 
 
-def test_lora_critic_trains_adapters_and_head_and_resumes_from_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_lora_critic_trains_adapters_and_head_and_resumes_from_its_checkpoint(tmp_path, quantize):
     from posttrain.models.lora import LoraSettings
 
-    critic, batch = _critic(lora=LoraSettings(rank=4, alpha=8)), _batch()
+    critic, batch = _critic(lora=LoraSettings(rank=4, alpha=8), quantize=quantize), _batch()
+    if quantize != "none":  # QLoRA: the backbone's linear layers are 4-bit, the value head float32
+        assert type(critic.model.backbone.layers[0].mlp.up_proj.weight).__name__ == "Params4bit"
+        assert critic.model.value_head.weight.dtype == torch.float32
     trainable = [n for n, p in critic.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
     assert any(n.startswith("value_head") for n in trainable)
@@ -100,7 +104,7 @@ def test_lora_critic_trains_adapters_and_head_and_resumes_from_its_checkpoint(tm
     after_save = critic.train_step(_with_targets(batch, saved, returns))
     assert not torch.allclose(critic.values(batch), saved)
 
-    fresh = _critic(lora=LoraSettings(rank=4, alpha=8))
+    fresh = _critic(lora=LoraSettings(rank=4, alpha=8), quantize=quantize)
     assert fresh.load_checkpoint(str(tmp_path)) == 1
     torch.testing.assert_close(fresh.values(batch), saved, atol=0, rtol=0)
     again = fresh.train_step(_with_targets(batch, saved, returns))  # optimizer state restored: the same step
@@ -128,3 +132,5 @@ def test_recipe_to_critic_settings():
     assert (s.total_steps, s.warmup_steps) == (60, 12)  # optimizer steps: rollout batches x 6 updates
     raw["ppo"] = {}
     assert critic_settings(validate_config(raw), "m").lr == 1e-5  # default: the policy's LR
+    raw["model"]["quantize"] = "nf4"
+    assert critic_settings(validate_config(raw), "m").quantize == "nf4"  # QLoRA: the critic's backbone too

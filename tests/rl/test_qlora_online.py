@@ -129,3 +129,16 @@ def test_a_qlora_grpo_run_checkpoints_resumes_and_saves_a_full_precision_model(t
     assert torch.equal(final_w[MLP], checkpoint_w[MLP])
     assert not torch.equal(final_w[Q_PROJ], checkpoint_w[Q_PROJ])
     assert (final_w[Q_PROJ] - learner_w[Q_PROJ]).abs().max() < 0.1  # the same adapter, on the unrounded base
+
+
+@pytest.mark.slow  # ~2 min on 2 shared cores (vLLM starts in a Ray actor)
+def test_two_qlora_grpo_steps_with_vllm_rollouts(tmp_path, ray_session):
+    recipe = _recipe(tmp_path, steps=2, checkpoint={"every_steps": 2})
+    # two heads of size 32: vLLM's CPU attention needs a head size of at least 32
+    recipe["model"]["path"] = str(tiny_model_path(num_heads=2))
+    recipe["rollout"]["engine"] = "vllm"
+    rows = read_metrics(OnlineTrainer(validate_config(recipe)).run())
+    assert [r["step"] for r in rows] == [1, 2]
+    # step 1 samples right after the first (full, dequantized) sync, step 2 after the adapted layers' sync: vLLM's
+    # log-probs are the 4-bit learner's at both
+    assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows), [r["rollout/logprob_diff"] for r in rows]
