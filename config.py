@@ -396,6 +396,11 @@ class PlacementConfig(_Section):
     learners: int = Field(1, ge=1)
     """learner actors training as one data-parallel group: each takes a share of every rollout batch, gradients are
     all-reduced (gloo on CPU, NCCL on GPU; `rl/distributed.py`), the result equals one learner on the whole batch"""
+    sharding: Literal["none", "fsdp"] = "none"
+    """"fsdp": the learners shard the parameters, gradients and optimizer state over themselves (PyTorch FSDP2,
+    `rl/fsdp.py`; each holds ~1/learners of them, for models whose training state does not fit one device); the step
+    is still one learner's on the whole batch. Needs learners >= 2, no model.quantize, rollout.sync_transport
+    object_store. "none": every learner holds all of them"""
     learner_gpus: float = Field(0.0, ge=0, le=1)
     """GPUs per learner (> 0: it trains on CUDA; fractions share a GPU; one learner uses at most one GPU)"""
     learner_cpus: float = Field(0.0, ge=0)
@@ -574,6 +579,22 @@ class RecipeConfig(_Section):
                 "placement.colocate: nothing to colocate; give a role resources (placement.learner_gpus, "
                 "learner_cpus, rollout_gpus or rollout_cpus)"
             )
+        if p.sharding == "fsdp":
+            if p.learners < 2:
+                raise ValueError(
+                    "placement.sharding: fsdp shards the training state over the learners; with placement.learners=1 "
+                    "there is nothing to shard over (set placement.learners >= 2 or placement.sharding: none)"
+                )
+            if self.model.quantize != "none":
+                raise ValueError(
+                    f"placement.sharding: fsdp cannot shard 4-bit base weights (model.quantize={self.model.quantize}); "
+                    "use placement.sharding: none with QLoRA"
+                )
+            if self.rollout.sync_transport != "object_store":
+                raise ValueError(
+                    f"placement.sharding: fsdp syncs the weights over the object store only (got "
+                    f"rollout.sync_transport={self.rollout.sync_transport}); set rollout.sync_transport: object_store"
+                )
         return self
 
     @model_validator(mode="after")

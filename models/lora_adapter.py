@@ -34,15 +34,15 @@ class LoraAdapter:
         )
 
 
-def lora_adapter(model: nn.Module) -> LoraAdapter:
-    """The active adapter of a peft `model` as a `LoraAdapter` (detached CPU copies). ValueError for a plain model."""
+def lora_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> LoraAdapter:
+    """The active adapter of a peft `model` as a `LoraAdapter` (detached CPU copies). ValueError for a plain model.
+    `state_dict`: read the tensors from it instead of `model.state_dict()` (FSDP, whose hook would reshard them)."""
     from peft import PeftModel, get_peft_model_state_dict
 
     if not isinstance(model, PeftModel):
         raise ValueError("lora_adapter needs a peft model (model.lora set); this model has no adapter")
-    tensors = {
-        name: t.detach().to("cpu", copy=True).contiguous() for name, t in get_peft_model_state_dict(model).items()
-    }
+    adapter_state = get_peft_model_state_dict(model, state_dict=state_dict)
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in adapter_state.items()}
     config = model.peft_config[model.active_adapter].to_dict()
     return LoraAdapter(tensors=tensors, config=json.loads(json.dumps(config, default=_json_default)))
 

@@ -154,7 +154,8 @@ def start_learner(cfg: RecipeConfig, model_path: str, teacher=None, placement: P
     settings = learner_settings(cfg, model_path)
     if cfg.placement.learners > 1:
         options = [placement.learner_options(rank) for rank in range(cfg.placement.learners)]
-        return LearnerGroup(settings, cfg.placement.learners, teacher, options, cfg.placement.timeout_s).start()
+        p = cfg.placement
+        return LearnerGroup(settings, p.learners, teacher, options, p.timeout_s, p.sharding).start()
     learner = Learner.options(**placement.learner_options(0)).remote(settings, teacher)
     ray.get(learner.ready.remote())
     return learner

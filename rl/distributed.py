@@ -138,6 +138,12 @@ class DataParallelLearnerImpl(LearnerImpl):
                 if param.requires_grad:
                     dist.broadcast(param.data, src=0)
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds (params, trainable, grads, optimizer state) and its parameter count (`numel`)."""
+        from posttrain.rl.fsdp import local_bytes, local_numel
+
+        return local_bytes(self.model, self.optimizer) | {"numel": local_numel(self.model.parameters())}
+
     def leave(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -229,7 +235,11 @@ RANK0_METHODS = (
 class LearnerGroup:
     """M data-parallel learner actors behind the single learner actor's calls, each `.remote(...)` returning one
     ObjectRef (so the driver code is the same for 1 or M learners): `train_step` and `logprobs` split the batch
-    over the ranks, `load_checkpoint` and `ready` go to every rank, `RANK0_METHODS` to rank 0."""
+    over the ranks, `load_checkpoint` and `ready` go to every rank, `RANK0_METHODS` to rank 0.
+
+    `sharding="fsdp"` (`placement.sharding`): the ranks are `rl.fsdp.FSDPLearner`s holding 1/M of the weights each;
+    reading the weights is then a collective, so `RANK0_METHODS` go to every rank and return rank 0's answer, and
+    `weight_sender` (what the weight sync calls) is the group itself instead of rank 0."""
 
     def __init__(
         self,
@@ -238,20 +248,32 @@ class LearnerGroup:
         teacher=None,
         actor_options: list[dict] | None = None,
         timeout_s: float = 300.0,
+        sharding: str = "none",
     ):
         if world_size < 1:
             raise ValueError(f"placement.learners must be >= 1, got {world_size}")
+        from posttrain.rl.fsdp import SHARDINGS, FSDPLearner
+
+        if sharding not in SHARDINGS:
+            raise ValueError(f"placement.sharding: unknown {sharding!r}; allowed: {', '.join(SHARDINGS)}")
+        actor_class = FSDPLearner if sharding == "fsdp" else DataParallelLearner
         options = actor_options or [{"num_cpus": 0}] * world_size
         self.actors = [
-            DataParallelLearner.options(**options[rank]).remote(settings, teacher, rank, world_size)
+            actor_class.options(**options[rank]).remote(settings, teacher, rank, world_size)
             for rank in range(world_size)
         ]
+        self.sharding = sharding
         self.mini_batches = settings.mini_batches
         self.timeout_s = timeout_s
         for name in ("train_step", "logprobs", "load_checkpoint"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
         for name in RANK0_METHODS:
-            setattr(self, name, getattr(self.actors[0], name))
+            if sharding == "fsdp":  # a collective: every rank takes part, rank 0 answers
+                setattr(self, name, _Method(self._on_every_rank(name)))
+            else:
+                setattr(self, name, getattr(self.actors[0], name))
+        self.weight_sender = self if sharding == "fsdp" else self.actors[0]
+        """what a `WeightSync` calls: rank 0 alone holds the full weights unless they are sharded"""
         self.ready = _Method(lambda: _first.remote(*[a.ready.remote() for a in self.actors]))
 
     def start(self) -> LearnerGroup:
@@ -293,6 +315,12 @@ class LearnerGroup:
             actor.logprobs.remote(select_rows(batch, rows)) for actor, (rows, _) in zip(self.actors, plan, strict=True)
         ]
         return _concat_logprobs.remote(*refs)
+
+    def _on_every_rank(self, name: str):
+        def call(*args, **kwargs):
+            return _first.remote(*[getattr(actor, name).remote(*args, **kwargs) for actor in self.actors])
+
+        return call
 
     def _load_checkpoint(self, ckpt_dir: str):
         return _first.remote(*[actor.load_checkpoint.remote(ckpt_dir) for actor in self.actors])

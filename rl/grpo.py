@@ -200,7 +200,7 @@ class OnlineTrainer:
     def weight_sync(self) -> WeightSync:
         """Streams the learner's weights into the workers in buckets (`rollout/weight_sync.py`), with a timeout."""
         r = self.cfg.rollout
-        sender = getattr(self.learner, "actors", [self.learner])[0]  # a data-parallel LearnerGroup sends from rank 0
+        sender = getattr(self.learner, "weight_sender", self.learner)  # a LearnerGroup: rank 0, or all ranks if sharded
         return WeightSync(sender, self.pool.workers, r.sync_transport, r.sync_bucket_mb, r.sync_timeout_s)
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -410,10 +410,10 @@ class LearnerImpl(WeightSender):
         """Everything needed to continue exactly: trainable weights, optimizer, scheduler, RNG states."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        trainable, optimizer = self._training_state()
         state = {
             "trainable": trainable,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "steps_done": self.steps_done,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -423,10 +423,19 @@ class LearnerImpl(WeightSender):
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
         """Restore from `save_checkpoint`'s folder; returns the number of optimizer steps done."""
-        state = torch.load(Path(ckpt_dir) / "learner.pt", weights_only=False, map_location="cpu")
+        state = self._read_checkpoint(ckpt_dir)
         restore_training_state(state, self.model, self.optimizer, self.scheduler, ckpt_dir)
         self.steps_done = state["steps_done"]
         return self.steps_done
+
+    def _training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(trainable tensors by name on the CPU, optimizer state dict) for a checkpoint (`rl/fsdp.py` gathers them)."""
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        return trainable, self.optimizer.state_dict()
+
+    @staticmethod
+    def _read_checkpoint(ckpt_dir: str) -> dict:
+        return torch.load(Path(ckpt_dir) / "learner.pt", weights_only=False, map_location="cpu")
 
 
 Learner = ray.remote(LearnerImpl)
@@ -444,6 +453,11 @@ def restore_training_state(state: dict, model, optimizer, scheduler, where: str 
             params[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    restore_rng_state(state["rng"])
+
+
+def restore_rng_state(rng: dict) -> None:
+    """The torch, numpy and python RNG states a checkpoint saved."""
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
