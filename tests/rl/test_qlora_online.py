@@ -11,10 +11,14 @@ import pytest
 import torch
 
 from posttrain.config import validate_config
+from posttrain.data.types import Sample
 from posttrain.models.loading import load_model
+from posttrain.models.lora import LoraSettings, merged_state_dict
 from posttrain.models.tiny import tiny_model_path
 from posttrain.rl.batch import collate
+from posttrain.rl.distributed import LearnerGroup
 from posttrain.rl.grpo import OnlineTrainer, to_samples
+from posttrain.rl.learner import LearnerImpl, LearnerSettings
 from posttrain.rl.run_dir import read_metrics
 from posttrain.rollout.types import SamplingParams
 
@@ -142,3 +146,41 @@ def test_two_qlora_grpo_steps_with_vllm_rollouts(tmp_path, ray_session):
     # step 1 samples right after the first (full, dequantized) sync, step 2 after the adapted layers' sync: vLLM's
     # log-probs are the 4-bit learner's at both
     assert all(r["rollout/logprob_diff"] < 1e-4 for r in rows), [r["rollout/logprob_diff"] for r in rows]
+
+
+def test_two_qlora_learners_take_the_step_of_one(ray_session):
+    """Data-parallel QLoRA: 2 gloo learners on a split batch hold the merged (dequantized) weights of 1 learner on the
+    whole batch; each quantizes the same checkpoint to the same 4-bit base, and only the adapters' gradients meet."""
+    ray = ray_session
+    gen = torch.Generator().manual_seed(0)
+    samples, advantages = [], []
+    for i in range(5):
+        prompt = torch.randint(3, 90, (2 + i % 3,), generator=gen).tolist()
+        completion = torch.randint(3, 90, (1 + (3 * i) % 5,), generator=gen).tolist()
+        samples.append(Sample("p", prompt, "c", completion, [-1.0] * len(completion), "stop", i))
+        advantages.append(float(torch.randn((), generator=gen)))
+    batch = collate(samples, advantages, pad_token_id=0, max_completion_tokens=6)
+    settings = LearnerSettings(
+        model_path=str(tiny_model_path()),
+        lora=LoraSettings(rank=4, alpha=8),
+        quantize="nf4",
+        lr=1e-2,
+        micro_batch_size=2,
+        num_threads=1,
+        device="cpu",
+    )
+    single = LearnerImpl(settings)
+    before = merged_state_dict(single.model)
+    group = LearnerGroup(settings, world_size=2, timeout_s=60).start()
+    try:
+        expected = single.train_step(batch)
+        got = ray.get(group.train_step.remote(batch), timeout=120)
+        ranks = [ray.get(actor.get_weights.remote(False), timeout=60) for actor in group.actors]
+    finally:
+        group.shutdown()
+    assert got["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+    after = merged_state_dict(single.model)
+    assert not torch.equal(after[Q_PROJ], before[Q_PROJ])
+    for name, tensor in after.items():
+        torch.testing.assert_close(ranks[0][name], tensor, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
