@@ -150,7 +150,7 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
     # ------------------------------------------------------------------------------------------- equal passes
 
     def _max_over_ranks(self, value: int) -> int:
-        total = torch.tensor([value], dtype=torch.int64)
+        total = torch.tensor([value], dtype=torch.int64, device=self.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(total, op=dist.ReduceOp.MAX)
         return int(total)
 

@@ -236,3 +236,15 @@ def test_plain_state_is_the_state_dict_read_from_the_live_tensors(lora):
     live = dict(model.named_parameters())
     assert all(state[n].data_ptr() == live[n].data_ptr() for n in live)  # views, not copies
     assert all(torch.equal(state[n], expected[n]) for n in expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL FSDP needs 2 CUDA GPUs")
+def test_two_sharded_nccl_learners_equal_one(ray_session):
+    settings = _settings(device="cuda", mini_batches=2)
+    options = [{"num_cpus": 0, "num_gpus": 1}] * 2
+    group = LearnerGroup(settings, 2, actor_options=options, timeout_s=120, sharding="fsdp").start()
+    try:
+        _compare(group, settings, _batch(7))
+    finally:
+        group.shutdown()
