@@ -138,8 +138,7 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
         if getattr(self.settings, "quantize", "none") != "none":
             raise ValueError("placement.sharding: fsdp cannot shard 4-bit (QLoRA) base weights; use sharding: none")
         self.units = shard_model(self.model)
-        if self.ref_model is not None:
-            shard_model(self.ref_model)
+        self.ref_units = shard_model(self.ref_model) if self.ref_model is not None else []
         # the (fresh, stateless) optimizer steps the sharded parameters now: the same ones, in the same order
         (group,) = self.optimizer.param_groups
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -176,7 +175,16 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
                 self._dummy_pass(with_grad=False)
         finally:
             self.model.train()
+        self._reshard()
         return result
+
+    def _reshard(self) -> None:
+        """Free every unit's full parameters. FSDP2 keeps the root unit's unsharded after a forward (for the backward
+        that usually follows), so after no-grad passes `model.parameters()` would list the root's full tensors, not
+        the sharded ones the optimizer and clipping must see (a rank with no update passes of its own would then clip
+        fewer gradients than its peers: a collective mismatch)."""
+        for unit in self.units + self.ref_units:
+            unit.reshard()
 
     def _update(self, batch: TrainBatch, stats: _Stats) -> int:
         # the backward passes `LearnerImpl._update` will run: its micro-batches that have loss tokens
@@ -186,6 +194,7 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
         )
         self._most = self._max_over_ranks(self._planned)
         self._passes = 0
+        self._reshard()  # the parameters `LearnerImpl._update` lists are the sharded ones
         return super()._update(batch, stats)
 
     def _micro_batch_backward(self, mb, norm, stats) -> None:

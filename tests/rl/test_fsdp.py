@@ -89,6 +89,8 @@ def test_two_sharded_learners_equal_one(group, kw):
 def test_a_rank_without_rows_still_takes_the_step(group):
     # 3 rows, 2 mini-batches [0,2) [2,3): rank 0's share of the second mini-batch is empty
     _compare(group, _settings(mini_batches=2), _batch(3))
+    # 1 row: rank 0 has nothing at all, and only dummy passes (lp_old's, then 2 updates' forward and backward)
+    _compare(group, _settings(epochs_per_batch=2), _batch(1))
 
 
 def test_group_logprobs_and_adapter_equal_the_single_learners(group):
