@@ -93,6 +93,26 @@ def test_a_rank_without_rows_still_takes_the_step(group):
     _compare(group, _settings(epochs_per_batch=2), _batch(1))
 
 
+def test_jsd_distillation_with_sharded_learners_equals_one(ray_session):
+    """opd_jsd: the student's full logits with gradient (its own forward path), the teacher asked per micro-batch."""
+    from posttrain.rl.teacher import TeacherImpl, TeacherSettings
+
+    teacher = TeacherImpl(TeacherSettings(str(tiny_model_path(seed=0)), temperature=0.8, batch_size=4))
+    settings = _settings(model_path=str(tiny_model_path(seed=1)), loss="opd_jsd", temperature=0.8)
+    single = LearnerImpl(settings, teacher)
+    sharded = LearnerGroup(settings, world_size=2, teacher=teacher, timeout_s=60, sharding="fsdp").start()
+    try:
+        batch = _batch(5)
+        expected, got = single.train_step(batch), ray.get(sharded.train_step.remote(batch), timeout=120)
+        weights = ray.get(sharded.get_weights.remote(False), timeout=60)
+    finally:
+        sharded.shutdown()
+    for name in ("jsd", "opd/reverse_kl", "grad_norm"):
+        assert got[name] == pytest.approx(expected[name], rel=1e-5), name
+    for name, tensor in merged_state_dict(single.model).items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=settings.lr * PARAM_ATOL_PER_LR, msg=name)
+
+
 def test_group_logprobs_and_adapter_equal_the_single_learners(group):
     # policy and adapter-off reference log-probs of 5 rows (shares of 2 and 3 rows: 1 and 2 passes, one padded)
     _dp.test_group_logprobs_equal_the_single_learners(group)
