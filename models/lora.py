@@ -87,7 +87,7 @@ def iter_merged_tensors(model: nn.Module, only_lora_targets: bool = False) -> It
 
     Plain tensors come as detached views of the live parameters (copy them before the model changes); a LoRA
     layer's merged weight is computed when its turn comes, so a consumer that packs and drops them (the bucketed
-    weight sync) can drop them as it goes (the sync keeps them referenced for its tie check: `skip_tied`).
+    weight sync) can drop them as it goes (its tie check, `skip_tied`, holds only weak references).
     """
     from peft import PeftModel
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -82,21 +83,23 @@ def bucketize(
 
 
 def skip_tied(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Drop a tensor that is the very same memory as one already passed on (same address, dtype, shape, strides):
-    tied weights, e.g. `lm_head.weight` that is `model.embed_tokens.weight` (SmolLM2, Qwen2.5-0.5B). The receiving
-    model, built from the same checkpoint, ties them too, so loading one updates both; vLLM skips the tied head.
+    """Drop a tensor that is the very same memory as one already passed on (same storage, address, dtype, shape,
+    strides): tied weights, e.g. `lm_head.weight` that is `model.embed_tokens.weight` (SmolLM2, Qwen2.5-0.5B). The
+    receiving model, built from the same checkpoint, ties them too, so loading one updates both; vLLM skips the tied
+    head.
 
-    Every tensor passed on is kept referenced until the walk ends: an address identifies memory only while that
-    memory is alive, and a LoRA-merged copy that was packed and dropped would otherwise free its address for the next
-    merged copy, which was then skipped as a "tie" (an intermittent lost update of a whole layer, fixed here). Views
-    of live parameters cost nothing to keep; the merged copies of the adapted layers are held until the sync's walk
-    ends (the learner's extra memory during a LoRA sync is those layers' merged weights, as before bucketing)."""
-    seen: dict[tuple, torch.Tensor] = {}
+    An address identifies memory only while that memory is alive: a LoRA-merged (or dequantized QLoRA) copy that was
+    packed and dropped frees its address for the next copy, which must not be taken for a "tie" (that once lost a
+    whole layer's update, intermittently). So a tie also needs the earlier tensor's storage to be alive and to be the
+    very storage of this tensor; only a weak reference to it is kept (torch keeps one Python object per live storage),
+    so the copies are freed as the walk goes and a sync never holds more than its bucket."""
+    seen: dict[tuple, weakref.ref] = {}
     for name, tensor in named_tensors:
+        storage = tensor.untyped_storage()
         key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-        if tensor.numel() and key in seen:
+        if tensor.numel() and key in seen and seen[key]() is storage:
             continue
-        seen[key] = tensor
+        seen[key] = weakref.ref(storage)
         yield name, tensor
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -242,3 +243,20 @@ def test_skip_tied_never_mistakes_a_freed_tensors_address_for_a_tie():
             yield f"t{i}", torch.full((4096,), float(i))
 
     assert [name for name, _ in skip_tied(fresh())] == [f"t{i}" for i in range(50)]
+
+
+def test_skip_tied_lets_each_passed_on_copy_be_freed_before_the_next():
+    """The tie check holds no strong reference: a dequantized/merged copy the consumer has packed and dropped is freed
+    before the next one is made, so a sync of a QLoRA model never holds a full-precision copy of it all at once."""
+    alive = []
+
+    def fresh():
+        for i in range(5):
+            tensor = torch.full((1024,), float(i))
+            alive.append(weakref.ref(tensor))
+            yield f"t{i}", tensor
+            del tensor
+
+    for name, tensor in skip_tied(fresh()):
+        del tensor  # the consumer packs it and drops it; only the generators' current one may still be alive
+        assert [ref() is not None for ref in alive[:-1]] == [False] * (len(alive) - 1), name
