@@ -36,34 +36,15 @@ from posttrain.models.logprobs import position_ids_from_mask
 from posttrain.models.lora import LoraSettings
 from posttrain.rl.advantages_ppo import value_loss
 from posttrain.rl.batch import TrainBatch
-from posttrain.rl.learner import _Stats, lr_lambda, restore_training_state
+from posttrain.rl.learner import OptimizerSettings, _Stats, make_optimizer, mini_batch_bounds, restore_training_state
 
 
 @dataclass
-class CriticSettings:
-    """What the critic needs from the recipe (flat, like `LearnerSettings`)."""
+class CriticSettings(OptimizerSettings):
+    """What the critic needs from the recipe: the learner's `OptimizerSettings` (its own lr) and the value clip."""
 
-    model_path: str
-    dtype: str = "float32"
-    lora: LoraSettings | None = None
-    quantize: str = "none"
-    """QLoRA: the backbone's linear layers in 4 bits ("nf4" / "fp4"; needs `lora`), as the policy's"""
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    """in optimizer steps"""
-    total_steps: int = 1
-    """in optimizer steps"""
-    max_grad_norm: float = 1.0
-    micro_batch_size: int = 8
     value_clip: float | None = 0.2
     """c in the clipped value loss; None = the plain squared error"""
-    epochs_per_batch: int = 1
-    mini_batches: int = 1
-    seed: int = 0
-    num_threads: int | None = None
 
 
 class ValueModel(nn.Module):
@@ -122,11 +103,7 @@ class CriticImpl:
         torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
         self.model = load_value_model(s.model_path, s.dtype, s.lora, s.seed, s.quantize)
         self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda i: lr_lambda(i, s.warmup_steps, s.total_steps, s.lr_schedule)
-        )
+        self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad], s)
         self.steps_done = 0
 
     def ready(self) -> bool:
@@ -157,11 +134,11 @@ class CriticImpl:
             raise ValueError("Critic.train_step: the batch has no completion tokens with loss (all samples skipped?)")
         stats = _Stats()
         first_lr = self.scheduler.get_last_lr()[0]
-        bounds = np.linspace(0, len(batch), min(s.mini_batches, len(batch)) + 1).round().astype(int)
+        bounds = mini_batch_bounds(len(batch), s.mini_batches)
         updates = 0
         for _ in range(s.epochs_per_batch):
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                mini = batch.slice(int(lo), int(hi)) if (lo, hi) != (0, len(batch)) else batch
+                mini = batch.slice(lo, hi) if (lo, hi) != (0, len(batch)) else batch
                 updates += self._update(mini, stats)
         metrics = {f"critic/{name}": value for name, value in stats.result(max(updates, 1)).items()}
         metrics.update({"critic/lr": first_lr, "critic/updates": float(updates)})

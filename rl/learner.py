@@ -55,8 +55,9 @@ from posttrain.rollout.weight_sync import WeightSender
 
 
 @dataclass
-class LearnerSettings:
-    """What the learner needs from the recipe (kept flat so the actor does not depend on the config schema)."""
+class OptimizerSettings:
+    """What every trained actor (policy learner, PPO critic) takes from the recipe: the checkpoint, LoRA/QLoRA, AdamW
+    and its schedule, micro-batches, epochs x mini-batches (kept flat so actors do not depend on the config schema)."""
 
     model_path: str
     dtype: str = "float32"
@@ -74,6 +75,16 @@ class LearnerSettings:
     """in optimizer steps"""
     max_grad_norm: float = 1.0
     micro_batch_size: int = 8
+    epochs_per_batch: int = 1
+    mini_batches: int = 1
+    seed: int = 0
+    num_threads: int | None = None
+
+
+@dataclass
+class LearnerSettings(OptimizerSettings):
+    """What the policy learner needs from the recipe: `OptimizerSettings` and the policy loss."""
+
     temperature: float = 1.0
     loss: str = "policy"
     """"policy" (clipped surrogate), "sft" (NLL on the batch's completions), "opd_reverse_kl" or "opd_jsd" (on-policy
@@ -95,15 +106,25 @@ class LearnerSettings:
     reference: bool = False
     """hold a reference even when `kl_coef` is 0 (the driver puts the KL in the reward); LoRA always has one"""
     loss_reduction: str = "token-mean"
-    epochs_per_batch: int = 1
-    mini_batches: int = 1
-    seed: int = 0
-    num_threads: int | None = None
     device: str = "auto"
     """"auto" = cuda when this process sees a GPU (a Ray actor sees one only if given `num_gpus`), else cpu"""
     empty_cuda_cache: bool = False
     """after each train_step, give torch's cached CUDA memory back to the device: engines that slept on the same GPU
     during training (rollout.sleep_level) need that memory when they wake"""
+
+
+def make_optimizer(params: list[torch.nn.Parameter], s: OptimizerSettings):
+    """AdamW over `params` and its LR schedule (stepped once per optimizer step): (optimizer, scheduler)."""
+    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_lambda(i, s.warmup_steps, s.total_steps, s.lr_schedule)
+    )
+    return optimizer, scheduler
+
+
+def mini_batch_bounds(num_rows: int, mini_batches: int) -> list[int]:
+    """Row bounds `[0, ..., num_rows]` of `mini_batches` near-equal mini-batches (fewer when rows are fewer)."""
+    return [int(b) for b in np.linspace(0, num_rows, min(mini_batches, num_rows) + 1).round()]
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -176,11 +197,7 @@ class LearnerImpl(WeightSender):
         self.ref_model = None
         if (s.kl_coef > 0 or s.reference) and not s.lora:
             self.ref_model = load_model(s.model_path, dtype=s.dtype).to(self.device).eval().requires_grad_(False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda i: lr_lambda(i, s.warmup_steps, s.total_steps, s.lr_schedule)
-        )
+        self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad], s)
         self.steps_done = 0
 
     # ------------------------------------------------------------------------------------------- training
@@ -249,7 +266,7 @@ class LearnerImpl(WeightSender):
         stats = _Stats()
         first_lr = self.scheduler.get_last_lr()[0]
         if mini_bounds is None:
-            mini_bounds = np.linspace(0, len(batch), min(s.mini_batches, len(batch)) + 1).round().astype(int)
+            mini_bounds = mini_batch_bounds(len(batch), s.mini_batches)
         updates = 0
         for _ in range(s.epochs_per_batch):
             for lo, hi in zip(mini_bounds[:-1], mini_bounds[1:], strict=True):

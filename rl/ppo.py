@@ -24,6 +24,7 @@ from posttrain.rl.advantages_ppo import explained_variance, ppo_advantages
 from posttrain.rl.batch import TrainBatch, collate
 from posttrain.rl.critic import Critic, CriticSettings
 from posttrain.rl.kl import kl_estimate
+from posttrain.rl.learner import OptimizerSettings
 from posttrain.rl.metrics import masked_mean
 
 
@@ -31,7 +32,7 @@ def critic_settings(cfg: RecipeConfig, model_path: str) -> CriticSettings:
     """The critic's settings: the learner's (checkpoint, LoRA, optimizer, schedule in optimizer steps, micro-batch,
     epochs x mini-batches, seed) with `ppo.critic_lr` (default train.lr) and `ppo.value_clip`."""
     learner = components.learner_settings(cfg, model_path)
-    shared = {f.name: getattr(learner, f.name) for f in fields(CriticSettings) if hasattr(learner, f.name)}
+    shared = {f.name: getattr(learner, f.name) for f in fields(OptimizerSettings)}
     return CriticSettings(**{**shared, "lr": cfg.ppo.critic_lr or cfg.train.lr, "value_clip": cfg.ppo.value_clip})
 
 
