@@ -43,6 +43,7 @@ class RolloutPool:
         return self._on_all("wake_up", (tags,), timeout_s, f"wake up ({', '.join(tags or ['all'])})")
 
     def _on_all(self, method: str, args: tuple, timeout_s: float, what: str) -> float:
+        """Call `method(*args)` on every worker and wait for all; wall seconds, or a TimeoutError saying `what`."""
         start = time.perf_counter()
         try:
             ray.get([getattr(w, method).remote(*args) for w in self.workers], timeout=timeout_s)
@@ -55,12 +56,7 @@ class RolloutPool:
     def load_lora_adapter(self, adapter_ref: ray.ObjectRef, timeout_s: float = 600.0) -> float:
         """Broadcast a `LoraAdapter` already in the object store to every worker (adapter-only LoRA sync); returns
         wall seconds. Each worker fetches it itself, as in `load_weights`."""
-        start = time.perf_counter()
-        try:
-            ray.get([w.load_lora_adapter.remote([adapter_ref]) for w in self.workers], timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"LoRA adapter sync to {len(self.workers)} workers took over {timeout_s} s") from None
-        return time.perf_counter() - start
+        return self._on_all("load_lora_adapter", ([adapter_ref],), timeout_s, "load the LoRA adapter")
 
     def load_weights(self, weights_ref: ray.ObjectRef, timeout_s: float = 600.0) -> float:
         """Broadcast weights already in the object store to every worker; returns wall seconds.
@@ -68,9 +64,4 @@ class RolloutPool:
         The reference is wrapped in a list so each worker fetches the tensors itself from the object store
         (one `put`, N reads) instead of the driver copying them once per worker.
         """
-        start = time.perf_counter()
-        try:
-            ray.get([w.load_weights.remote([weights_ref]) for w in self.workers], timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"weight sync to {len(self.workers)} rollout workers took over {timeout_s} s") from None
-        return time.perf_counter() - start
+        return self._on_all("load_weights", ([weights_ref],), timeout_s, "load the weights")

@@ -56,6 +56,17 @@ def test_pool_of_one_worker(ray_session, worker, engine, prompts):
     assert pool.load_weights(ray_session.put(engine.get_weights(["model.norm.weight"]))) >= 0
 
 
+def test_pool_broadcast_past_its_timeout_names_the_key(ray_session, worker, engine, prompts):
+    """A worker still busy (here: generating) when the broadcast's time is up fails the call, naming the key."""
+    pool = RolloutPool([worker])
+    busy = worker.generate.remote(prompts * 4, SamplingParams(n=4, temperature=1.0, max_new_tokens=64, seed=0))
+    weights = ray_session.put(engine.get_weights(["model.norm.weight"]))  # the worker's own: loading changes nothing
+    expected = r"1 rollout workers did not load the weights within 0.01 s \(rollout.sync_timeout_s\)"
+    with pytest.raises(TimeoutError, match=expected):
+        pool.load_weights(weights, timeout_s=0.01)
+    ray_session.get(busy, timeout=120)
+
+
 def test_engine_choice_is_checked(model_path):
     with pytest.raises(ValueError, match="unknown engine 'sglang'"):
         RolloutWorkerImpl(engine="sglang", model_path=str(model_path))
