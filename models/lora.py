@@ -207,10 +207,14 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 
 def _plain_copy(peft_model) -> nn.Module:
     """A fresh plain model of the base architecture on CPU holding the merged weights (costs one model of memory)."""
+    return plain_model(peft_model.get_base_model(), merged_state_dict(peft_model))
+
+
+def plain_model(base: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh plain (non-peft) model of `base`'s architecture, config, dtype and generation config, on CPU, loaded
+    with `state` (its full plain-named state dict, strictly)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    base = peft_model.get_base_model()
-    state = merged_state_dict(peft_model)
     auto = AutoModelForSequenceClassification if _is_sequence_classifier(base) else AutoModelForCausalLM
     plain = auto.from_config(base.config, dtype=base.dtype)
     plain.load_state_dict(state, strict=True)

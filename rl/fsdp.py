@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from posttrain.models.lora import save_merged
+from posttrain.models.lora import plain_model, save_merged
 from posttrain.models.lora_adapter import lora_adapter
 from posttrain.rl.batch import TrainBatch
 from posttrain.rl.distributed import DataParallelLearnerImpl
@@ -80,17 +80,21 @@ def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _local(tensors) -> list[torch.Tensor]:
+    """What this rank holds of each tensor (a DTensor's local shard; a plain tensor itself)."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 def local_numel(tensors) -> int:
     """Elements this rank holds of `tensors` (a DTensor counts its local shard only)."""
-    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
+    return sum(t.numel() for t in _local(tensors))
 
 
 def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes this rank holds: all parameters, trainable ones, their gradients, and the optimizer's state tensors."""
 
     def nbytes(tensors) -> int:
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-        return sum(t.numel() * t.element_size() for t in local)
+        return sum(t.numel() * t.element_size() for t in _local(tensors))
 
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
@@ -135,7 +139,7 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
         return True
 
     def _shard(self) -> None:
-        if getattr(self.settings, "quantize", "none") != "none":
+        if self.settings.quantize != "none":
             raise ValueError("placement.sharding: fsdp cannot shard 4-bit (QLoRA) base weights; use sharding: none")
         self.units = shard_model(self.model)
         self.ref_units = shard_model(self.ref_model) if self.ref_model is not None else []
@@ -248,13 +252,8 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
         weights = self.get_weights(only_changed=False)
         if self.rank != 0:
             return out_dir
-        from transformers import AutoModelForCausalLM
-
         base = self.model.get_base_model() if self._is_peft() else self.model
-        plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
-        plain.load_state_dict(weights, strict=True)
-        plain.generation_config = base.generation_config
-        return str(save_merged(plain, self.tokenizer, out_dir))
+        return str(save_merged(plain_model(base, weights), self.tokenizer, out_dir))
 
     def put_weight_buckets(self, bucket_bytes: int, only_changed: bool = True) -> list[ray.ObjectRef]:
         with self._unsharded():
