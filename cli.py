@@ -35,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         run_distill(cfg)
         return 0
-    from posttrain.rl.grpo import run_grpo
+    from posttrain.online.trainer import run_grpo
 
     run_grpo(cfg)
     return 0
@@ -70,9 +70,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def evaluate_recipe(cfg: RecipeConfig) -> dict:
     """Evaluate `cfg.model` on `cfg.eval.data` in this process (no Ray needed) with the recipe's rewards."""
+    from posttrain.online import components
+    from posttrain.online.evaluation import eval_params, score_eval
     from posttrain.rewards.workers import LocalScorer
-    from posttrain.rl import components
-    from posttrain.rl.evaluation import eval_params, score_eval
     from posttrain.rollout.hf_engine import HFEngine
 
     specs = components.load_reward_specs(cfg)

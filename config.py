@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 OFFLINE_ALGORITHMS = ("sft", "dpo", "orpo", "reward_model")
 """algorithms that train on a dataset in the CLI process (no rollouts, no Ray)"""
 ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "opd", "ppo")
-"""algorithms that generate, score and learn every step (`rl/grpo.py`'s trainer, through Ray)"""
+"""algorithms that generate, score and learn every step (`online/trainer.py`'s trainer, through Ray)"""
 TRACE_ALGORITHMS = ("distill", "rft_offline")
 """generate -> verify -> keep a dataset once, then SFT on it (`distill/`): a teacher's traces, or the model's own"""
 
@@ -395,11 +395,12 @@ class RayConfig(_Section):
 class PlacementConfig(_Section):
     learners: int = Field(1, ge=1)
     """learner actors training as one data-parallel group: each takes a share of every rollout batch, gradients are
-    all-reduced (gloo on CPU, NCCL on GPU; `rl/distributed.py`), the result equals one learner on the whole batch"""
+    all-reduced (gloo on CPU, NCCL on GPU; `learner/data_parallel.py`), the result equals one learner on the whole
+    batch"""
     sharding: Literal["none", "fsdp"] = "none"
     """"fsdp": the learners shard the parameters, gradients and optimizer state over themselves (PyTorch FSDP2,
-    `rl/fsdp.py`; each holds ~1/learners of them, for models whose training state does not fit one device); the step
-    is still one learner's on the whole batch. Needs learners >= 2, no model.quantize, rollout.sync_transport
+    `learner/fsdp.py`; each holds ~1/learners of them, for models whose training state does not fit one device); the
+    step is still one learner's on the whole batch. Needs learners >= 2, no model.quantize, rollout.sync_transport
     object_store. "none": every learner holds all of them"""
     learner_gpus: float = Field(0.0, ge=0, le=1)
     """GPUs per learner (> 0: it trains on CUDA; fractions share a GPU; one learner uses at most one GPU)"""

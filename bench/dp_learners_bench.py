@@ -21,10 +21,10 @@ import ray
 import torch
 
 from posttrain.data.types import Sample
+from posttrain.learner.batch import collate
+from posttrain.learner.data_parallel import LearnerGroup
+from posttrain.learner.learner import Learner, LearnerSettings
 from posttrain.models.tiny import tiny_model_path
-from posttrain.rl.batch import collate
-from posttrain.rl.distributed import LearnerGroup
-from posttrain.rl.learner import Learner, LearnerSettings
 
 
 def make_batch(rows: int, prompt_len: int = 32, completion_len: int = 64):

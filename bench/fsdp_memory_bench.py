@@ -20,9 +20,9 @@ import time
 import ray
 from dp_learners_bench import make_batch  # bench/ is on sys.path when this script runs
 
+from posttrain.learner.data_parallel import LearnerGroup
+from posttrain.learner.learner import LearnerSettings
 from posttrain.models.loading import resolve_model_path
-from posttrain.rl.distributed import LearnerGroup
-from posttrain.rl.learner import LearnerSettings
 
 KEYS = ("params", "grads", "optimizer")
 

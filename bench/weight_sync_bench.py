@@ -24,8 +24,8 @@ import time
 import ray
 import torch
 
+from posttrain.learner.learner import Learner, LearnerSettings
 from posttrain.models.loading import load_model, resolve_model_path
-from posttrain.rl.learner import Learner, LearnerSettings
 from posttrain.rollout.pool import RolloutPool
 from posttrain.rollout.weight_sync import WeightSync
 from posttrain.rollout.worker import RolloutWorker

@@ -25,10 +25,10 @@ import ray
 
 from posttrain.config import FileSource, RecipeConfig
 from posttrain.distill.traces import TraceSettings, TraceStats, write_traces
+from posttrain.online import components
 from posttrain.rewards.combine import RewardScores, trl_completion
-from posttrain.rl import components
-from posttrain.rl.run_dir import open_run_dir
 from posttrain.rollout.types import SamplingParams
+from posttrain.run_folder.run_dir import open_run_dir
 
 
 def teacher_config(cfg: RecipeConfig) -> RecipeConfig:

@@ -1,9 +1,9 @@
 """The per-micro-batch objective of each offline method: batch the rows, run the model, call the pure loss.
 
-The math lives in `rl/losses/` (sft_nll, dpo_*, orpo, bradley_terry); this module only turns tokenized rows into the
-tensors those functions take, and scales each micro-batch's loss so that the micro-batch losses of one optimizer step
-add up to the loss of the whole step (token mean over the step for SFT, mean over the step's pairs for the others):
-1 x 8 and 8 x 1 accumulation give the same gradient.
+The math lives in `algorithms/losses/` (sft_nll, dpo_*, orpo, bradley_terry); this module only turns tokenized rows
+into the tensors those functions take, and scales each micro-batch's loss so that the micro-batch losses of one
+optimizer step add up to the loss of the whole step (token mean over the step for SFT, mean over the step's pairs
+for the others): 1 x 8 and 8 x 1 accumulation give the same gradient.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from posttrain.models.logprobs import token_logprobs
-from posttrain.offline.data import PreferencePair, Sequence
-from posttrain.rl.losses import (
+from posttrain.algorithms.losses import (
     bradley_terry,
     dpo_hinge,
     dpo_ipo,
@@ -27,6 +25,8 @@ from posttrain.rl.losses import (
     sequence_logprob,
     sft_nll,
 )
+from posttrain.models.logprobs import token_logprobs
+from posttrain.offline.data import PreferencePair, Sequence
 
 
 @dataclass

@@ -6,8 +6,8 @@ One loop for every method: each optimizer step takes `train.batch_size` rows in 
 (`rl.learner.lr_lambda`: the same optimizer, schedule and clipping conventions as online training). The run folder
 is the one GRPO leaves: config.yaml, metrics.jsonl, TensorBoard, checkpoints/step-N, final/, curves.png.
 
-The methods' math is in `rl/losses/` and the batching in `offline/objectives.py`. Reference model for DPO: with LoRA,
-the policy with the adapter switched off; with full weights, a frozen copy, or none at all with
+The methods' math is in `algorithms/losses/` and the batching in `offline/objectives.py`. Reference model for DPO:
+with LoRA, the policy with the adapter switched off; with full weights, a frozen copy, or none at all with
 `preference.precompute_reference` (its log-probs are computed by the untrained policy before step 1, saved in the
 run folder, and reused on resume).
 """
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from posttrain.config import ConfigError, RecipeConfig
 from posttrain.data.sources import batch_indices
+from posttrain.learner.learner import lr_lambda, restore_training_state
 from posttrain.models.loading import (
     keep_4bit_layout,
     load_model,
@@ -39,9 +40,8 @@ from posttrain.models.lora import LoraSettings, apply_lora, save_merged
 from posttrain.models.lora import full_precision_copy as lora_full_precision_copy
 from posttrain.offline import objectives as obj
 from posttrain.offline.data import ChatTokenizer, preference_pairs, sft_sequences
-from posttrain.rl.learner import lr_lambda, restore_training_state
-from posttrain.rl.report import plot_curves, summary_table
-from posttrain.rl.run_dir import (
+from posttrain.run_folder.report import plot_curves, summary_table
+from posttrain.run_folder.run_dir import (
     RunLogger,
     checkpoint_staging,
     commit_checkpoint,

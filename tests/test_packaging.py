@@ -31,7 +31,7 @@ def test_wheel_has_only_the_posttrain_package(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert top == {"posttrain", next(t for t in top if t.endswith(".dist-info"))}
     for module in (
-        "rl/learner.py",
+        "learner/learner.py",
         "rewards/combine.py",
         "rollout/hf_engine.py",
         "models/lora.py",
@@ -53,7 +53,8 @@ def test_wheel_has_only_the_posttrain_package(tmp_path):
         capture_output=True,
     )
     code = (
-        "import posttrain, posttrain.cli, posttrain.rl.learner, posttrain.rl.grpo, posttrain.rewards.combine, "
+        "import posttrain, posttrain.cli, posttrain.learner.learner, posttrain.online.trainer, "
+        "posttrain.rewards.combine, "
         "posttrain.rollout.worker, posttrain.models.lora, posttrain.verifiers.math, posttrain.data.sources; "
         "print(posttrain.__file__)"
     )

@@ -107,7 +107,7 @@ def test_tiny_model_path_caches_per_kwargs_and_survives_a_race(tmp_path, monkeyp
 
 def test_a_tiny_model_can_take_a_real_models_tokenizer(tmp_path):
     pytest.importorskip("gguf")  # the demo model (SmolLM2) is converted from its GGUF file
-    from posttrain.rl.teacher import check_same_tokenizer
+    from posttrain.learner.teacher import check_same_tokenizer
 
     out = build_tiny_model(tmp_path / "m", hidden_size=32, seed=1, tokenizer="smollm2-135m-instruct")
     check_same_tokenizer(str(out), "smollm2-135m-instruct")  # on-policy distillation accepts it as SmolLM2's student

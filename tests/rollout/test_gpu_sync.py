@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from posttrain.learner.learner import Learner, LearnerSettings
 from posttrain.models.loading import load_model
-from posttrain.rl.learner import Learner, LearnerSettings
 from posttrain.rollout.gpu_sync import pickled_specs, unpickled_specs
 from posttrain.rollout.weight_sync import TensorSpec, WeightSync
 from posttrain.rollout.worker import RolloutWorker

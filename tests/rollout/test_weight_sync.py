@@ -140,7 +140,7 @@ class SlowLoadingWorker(RolloutWorkerImpl):
 def test_object_store_sync_streams_buckets_into_every_worker(ray_session, model_path, other_model_path):
     """Learner weights (from another seed) reach two workers bitwise, in many small buckets."""
     ray = ray_session
-    from posttrain.rl.learner import Learner, LearnerSettings
+    from posttrain.learner.learner import Learner, LearnerSettings
 
     learner = Learner.remote(LearnerSettings(model_path=str(other_model_path), num_threads=1))
     workers = [RolloutWorker.remote(engine="hf", model_path=str(model_path), num_threads=1) for _ in range(2)]
@@ -167,7 +167,7 @@ def test_object_store_sync_streams_buckets_into_every_worker(ray_session, model_
 
 def test_a_hung_worker_fails_the_sync_naming_it_and_the_timeout(ray_session, model_path):
     ray = ray_session
-    from posttrain.rl.learner import Learner, LearnerSettings
+    from posttrain.learner.learner import Learner, LearnerSettings
 
     learner = Learner.remote(LearnerSettings(model_path=str(model_path), num_threads=1))
     good = RolloutWorker.remote(engine="hf", model_path=str(model_path), num_threads=1)

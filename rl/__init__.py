@@ -1,1 +1,0 @@
-"""Advantages, losses, KL estimators, reduction; the Ray learner; the training controllers."""
