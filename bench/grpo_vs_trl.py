@@ -1,0 +1,209 @@
+"""A GRPO step, TRL's GRPOTrainer vs posttrain (hf engine, vllm engine), on exactly the same work, one after the other.
+
+The work (the one the speed goal is stated on): SmolLM2-135M-Instruct in float32, LoRA r=16 alpha=32 on
+q,k,v,o,gate,up,down, 8 prompts x 4 samples, <= 64 new tokens at T=1.0, no KL (TRL beta=0, posttrain kl_coef=0),
+lr 1e-4, one update per batch, micro-batch 32, single-digit additions with a strict `\\boxed{}` reward.
+
+Each contender runs in its own child process (its own threads and memory), in turn, in one process tree:
+
+    .venv/bin/python bench/grpo_vs_trl.py [--steps 3] [--only trl,hf,vllm] [--trl-bf16] [--json out.json]
+
+Per contender it prints each step's wall time, the phase breakdown where the trainer reports one (posttrain:
+generate / reward / train / sync from metrics.jsonl; TRL: generate-and-score vs the rest, by timing its
+`_generate_and_score_completions`), and the steady step (median of steps 2..N: step 1 pays warm-up) with its
+ratio to TRL's. TRL 1.16 autocasts to bf16 unless `bf16=False`; the default here is float32 for both (the same
+work); `--trl-bf16` runs TRL with its default instead, for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS, SAMPLES, NEW_TOKENS, LR, SEED = 8, 4, 64, 1e-4, 0
+DATA = {"kind": "arithmetic", "num_problems": 200, "seed": 1, "max_value": 9}  # instruction: the source's \boxed{}
+
+
+def _recipe(engine: str, steps: int, out: Path) -> dict:
+    return {
+        "name": f"bench-{engine}",
+        "seed": SEED,
+        "output_dir": str(out),
+        "model": {
+            "path": "smollm2-135m-instruct",
+            "dtype": "float32",
+            "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
+        },
+        "data": DATA,
+        "rewards": [{"fn": "math_accuracy", "weight": 1.0}],
+        "algorithm": {"prompts_per_step": PROMPTS, "samples_per_prompt": SAMPLES},
+        "rollout": {"engine": engine, "temperature": 1.0, "max_new_tokens": NEW_TOKENS},
+        "train": {"steps": steps, "lr": LR, "micro_batch_size": PROMPTS * SAMPLES},
+        "checkpoint": {"every_steps": 10_000},
+        "logging": {"progress": False},
+    }
+
+
+def run_posttrain(engine: str, steps: int) -> dict:
+    """`posttrain train` on the work above; per-step wall time and phases from the run's metrics.jsonl."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(_recipe(engine, steps, Path(tmp))))
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        cli = [sys.executable, "-m", "posttrain.cli", "train", str(recipe)]
+        subprocess.run(cli, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        (run_dir,) = Path(tmp).glob(f"bench-{engine}-*")
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    phases = ["time/generate", "time/reward", "time/train", "time/sync"]
+    return {
+        "step_s": [row["time/step"] for row in rows],
+        "phases": {p.split("/")[1]: [row.get(p) for row in rows] for p in phases},
+        "reward": [row.get("reward/mean") for row in rows],
+    }
+
+
+def run_trl(steps: int, bf16: bool) -> dict:
+    """TRL's GRPOTrainer on the same model, prompts, reward and settings; per-step wall time by a callback."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.config import ArithmeticSource
+    from posttrain.data.sources import load_rows
+    from posttrain.models.loading import resolve_model_path
+    from posttrain.verifiers.math import verify
+
+    rows = load_rows(ArithmeticSource(**DATA))
+    dataset = datasets.Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": str(r["answer"])} for r in rows]
+    )
+
+    def boxed_accuracy(prompts, completions, answer, **_):
+        return [float(verify(gold, c[0]["content"], strict=True)) for gold, c in zip(answer, completions, strict=True)]
+
+    path = resolve_model_path("smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=PROMPTS * SAMPLES,
+        gradient_accumulation_steps=1,
+        num_generations=SAMPLES,
+        max_completion_length=NEW_TOKENS,
+        temperature=1.0,
+        beta=0.0,
+        num_iterations=1,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        max_steps=steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=SEED,
+        use_cpu=True,
+        bf16=bf16,
+        dataloader_num_workers=0,
+    )
+    step_s: list[float] = []
+    generate_s: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            step_s.append(time.perf_counter() - self.start)
+
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=boxed_accuracy,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft,
+        callbacks=[StepTimer()],
+    )
+    generate = getattr(trainer, "_generate_and_score_completions", None)
+    if generate is not None:
+
+        def timed(*a, **k):
+            start = time.perf_counter()
+            out = generate(*a, **k)
+            generate_s.append(time.perf_counter() - start)
+            return out
+
+        trainer._generate_and_score_completions = timed
+    trainer.train()
+    rewards = [row.get("reward") for row in trainer.state.log_history if "reward" in row]
+    train_s = [s - g for s, g in zip(step_s, generate_s, strict=False)]
+    return {"step_s": step_s, "phases": {"generate+score": generate_s, "train": train_s}, "reward": rewards}
+
+
+def _child(name: str, steps: int, bf16: bool) -> dict:
+    """Run one contender in a fresh interpreter and return its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, __file__, "--_child", name, "--steps", str(steps), "--_out", out]
+    if bf16:
+        cmd.append("--trl-bf16")
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(Path(out).read_text())
+
+
+def _steady(step_s: list[float]) -> float:
+    return statistics.median(step_s[1:] if len(step_s) > 1 else step_s)
+
+
+def _fmt(values) -> str:
+    return " ".join("-" if v is None else f"{v:.1f}" for v in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", default="trl,hf,vllm", help="comma-separated contenders: trl, hf, vllm")
+    parser.add_argument("--trl-bf16", action="store_true", help="TRL with its default bf16 autocast")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        result = run_trl(args.steps, args.trl_bf16) if args._child == "trl" else run_posttrain(args._child, args.steps)
+        Path(args._out).write_text(json.dumps(result))
+        return
+    results = {}
+    for name in args.only.split(","):
+        print(f">> {name}: {args.steps} steps", flush=True)
+        results[name] = _child(name, args.steps, args.trl_bf16)
+    print(
+        f"\nGRPO step, SmolLM2-135M-Instruct fp32 + LoRA r16 (7 modules), {PROMPTS} prompts x {SAMPLES} samples, "
+        f"<= {NEW_TOKENS} new tokens, no KL; {os.cpu_count()} cores"
+        + (" (TRL in bf16 autocast)" if args.trl_bf16 else "")
+    )
+    base = _steady(results["trl"]["step_s"]) if "trl" in results else None
+    for name, r in results.items():
+        steady = _steady(r["step_s"])
+        ratio = f"  {steady / base:.2f}x TRL" if base else ""
+        print(f"{name:<6} steps [s]: {_fmt(r['step_s'])}   steady {steady:.1f} s{ratio}")
+        for phase, values in r["phases"].items():
+            print(f"{'':<6}   {phase:<15} {_fmt(values)}")
+        print(f"{'':<6}   reward/mean     {_fmt(r['reward'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
