@@ -132,3 +132,19 @@ def test_nothing_outside_tests_points_at_notes_outside_the_repository():
                 if name in line:
                     problems.append(f"{path.relative_to(ROOT)}:{number}: mentions {name}")
     assert not problems, "point these at docs/ instead:\n" + "\n".join(problems)
+
+
+def test_docs_pages_named_in_the_code_exist_with_their_anchors():
+    # docstrings point readers at `docs/algorithms.md#ppo`; a renamed heading must not leave them dangling
+    pattern = re.compile(r"docs/([\w-]+\.md)(?:#([\w-]+))?")
+    problems = []
+    for path in _tracked_files():
+        if path.suffix != ".py" or path.name == "test_docs.py":
+            continue
+        for page, anchor in pattern.findall(path.read_text(encoding="utf-8")):
+            target = ROOT / "docs" / page
+            if not target.exists():
+                problems.append(f"{path.relative_to(ROOT)}: docs/{page} does not exist")
+            elif anchor and anchor not in anchors_of(target):
+                problems.append(f"{path.relative_to(ROOT)}: docs/{page} has no anchor #{anchor}")
+    assert not problems, "\n".join(problems)
