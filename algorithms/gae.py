@@ -19,7 +19,7 @@ from posttrain.algorithms.reduction import token_mean
 def gae_token_rewards(scores_B: Tensor, kl_BT: Tensor, mask_BT: Tensor, kl_coef: float) -> Tensor:
     """PPO's per-token reward `r_t = -kl_coef * KL_t`, plus the sequence score at the last completion token.
 
-    Ziegler et al. (1909.08593) / InstructGPT (2203.02155, eq. 2) as ALGORITHMS.md "GAE" states it. [batch, tokens].
+    Ziegler et al. (1909.08593) / InstructGPT (2203.02155, eq. 2), as docs/algorithms.md#ppo states it. [batch, tokens].
     """
     check_bt(mask_BT, "gae_token_rewards", kl_BT)
     mask = mask_BT.bool()
@@ -96,7 +96,8 @@ def ppo_advantages(
         scores_B: [batch] sequence rewards (a skipped sample's row of `mask_BT` is all 0; its score is ignored).
         values_BT: [batch, tokens] the critic's value of each completion token before the update (no gradient).
         mask_BT: [batch, tokens] completion mask.
-        kl_BT: [batch, tokens] per-token KL estimate (e.g. `rl.kl.kl_estimate("k3", lp_old, lp_ref)`), no gradient.
+        kl_BT: [batch, tokens] per-token KL estimate (e.g. `kl_estimate("k3", lp_old, lp_ref)` of
+            `algorithms.kl`), no gradient.
         kl_coef: the KL penalty's weight in the reward (0 = no KL in the reward).
         gamma, lam: GAE's discount and lambda.
         whiten_advantages: whiten the advantages (masked, whole batch; `whiten`).
@@ -135,7 +136,7 @@ def value_loss(
     """PPO's clipped value loss, token mean of `0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)`.
 
     As in OpenAI baselines' PPO2 / TRL (the PPO paper, 1707.06347 eq. 9, has the unclipped squared error).
-    `num_tokens` is the step-wide normaliser of `rl.reduction.token_mean`.
+    `num_tokens` is the step-wide normaliser of `algorithms.reduction.token_mean`.
 
     Metrics: `value/clip_fraction` (the clipped term was strictly larger), `value/mean`, `value/error`
     (masked mean of (V - R)^2).

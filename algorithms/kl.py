@@ -6,10 +6,10 @@ With `x = lp_ref - lp` (log of pi_ref/pi at the sampled token, the token drawn f
   k2 = x^2 / 2             biased, low variance, >= 0;
   k3 = exp(x) - x - 1      unbiased, low variance, >= 0 (GRPO's KL term, DeepSeekMath 2402.03300 eq. 4).
 
-All functions take `[batch, tokens]` log-probs (any matching shape works) and return the per-token estimate of the
-same shape, unmasked: reduce it with `rl.reduction.reduce_loss` or `rl.metrics.masked_mean`. Gradients flow to
-both arguments; detach `lp_ref` (it is normally computed under `no_grad`). Masked positions are not sanitised
-here: if `lp` can be inf/NaN at padding, zero it there first, since the reducer's `where` cannot stop
+All functions take `[batch, tokens]` log-probs (any matching shape works) and return the per-token estimate of the same
+shape, unmasked: reduce it with `algorithms.reduction.reduce_loss` or `algorithms.masked.masked_mean`. Gradients flow to
+both arguments; detach `lp_ref` (it is normally computed under `no_grad`). Masked positions are not sanitised here: if
+`lp` can be inf/NaN at padding, zero it there first, since the reducer's `where` cannot stop
 `0 * inf` inside these functions' backward.
 
 Deviation, stated: k3 is computed as `expm1(x) - x`, which is the same number but keeps precision for small x.

@@ -22,7 +22,7 @@ def reinforce_pp_advantages(
 
     Args:
         rewards_B: [batch] sequence rewards (batch = num_prompts * G when grouped).
-        kl_BT: [batch, tokens] per-token KL estimate (e.g. `rl.kl.kl_k1`), no gradient.
+        kl_BT: [batch, tokens] per-token KL estimate (e.g. `algorithms.kl.kl_k1`), no gradient.
         mask_BT: [batch, tokens] completion mask.
         kl_coef: the KL penalty coefficient (>= 0).
         group_size: G for the baseline variant; `None` for plain REINFORCE++.

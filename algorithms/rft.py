@@ -3,7 +3,7 @@
 Llama 2 (2307.09288, section 3.2.3) keeps the best of K samples per prompt by reward; RAFT (2304.06767) the
 top-ranked ones; ReST-EM / "verified" variants keep every sample that passes a checker. Here: per prompt, keep the
 best one, or all of them, among the samples whose reward reaches `min_reward`. The kept completions are then
-trained on with the SFT loss (`rl.losses.sft_nll`). A pure function of the rewards.
+trained on with the SFT loss (`algorithms.losses.sft_nll`). A pure function of the rewards.
 """
 
 from __future__ import annotations

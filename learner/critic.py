@@ -1,8 +1,8 @@
 """PPO's critic: a value model (the policy's backbone from the same checkpoint + a scalar head) with its own optimizer.
 
 PPO (Schulman et al., 1707.06347) as applied to LMs (Ziegler et al. 1909.08593; InstructGPT 2203.02155): the critic
-V_phi is trained by regression on the GAE returns with the clipped value loss of ALGORITHMS.md
-(`rl.advantages_ppo.value_loss`, as OpenAI baselines' PPO2, TRL and OpenRLHF clip it). Runs as a Ray actor (`Critic`)
+V_phi is trained by regression on the GAE returns with the clipped value loss of docs/algorithms.md#ppo
+(`algorithms.gae.value_loss`, as OpenAI baselines' PPO2, TRL and OpenRLHF clip it). Runs as a Ray actor (`Critic`)
 or in-process (`CriticImpl`), next to the learner; the controller asks it for `values` once per rollout batch and
 then `train_step`s it on the returns while the learner trains the policy.
 
@@ -135,7 +135,7 @@ class CriticImpl:
         s = self.settings
         start = time.perf_counter()
         if batch.returns_BC is None or batch.old_values_BC is None:
-            raise ValueError("Critic.train_step: the batch needs returns_BC and old_values_BC (see rl.ppo.ppo_batch)")
+            raise ValueError("Critic.train_step: the batch needs returns_BC and old_values_BC (see ppo_batch)")
         if float(batch.loss_mask_BC.sum()) == 0:
             raise ValueError("Critic.train_step: the batch has no completion tokens with loss (all samples skipped?)")
         stats = _Stats()

@@ -237,7 +237,8 @@ class LearnerGroup:
     ObjectRef (so the driver code is the same for 1 or M learners): `train_step` and `logprobs` split the batch
     over the ranks, `load_checkpoint` and `ready` go to every rank, `RANK0_METHODS` to rank 0.
 
-    `sharding="fsdp"` (`placement.sharding`): the ranks are `rl.fsdp.FSDPLearner`s holding 1/M of the weights each;
+    `sharding="fsdp"` (`placement.sharding`): the ranks are `learner.fsdp.FSDPLearnerImpl`s holding 1/M of the
+    weights each;
     reading the weights is then a collective, so `RANK0_METHODS` go to every rank and return rank 0's answer, and
     `weight_sender` (what the weight sync calls) is the group itself instead of rank 0."""
 

@@ -6,7 +6,8 @@ Runs as a Ray actor (`Learner`) or in-process (`LearnerImpl`). Four losses, name
     KL to the reference (estimator k1/k2/k3) in the loss, reduced as the config says;
   - `"sft"`: token-mean NLL of the batch's completions (online RFT's step on the kept samples);
   - `"opd_reverse_kl"` (on-policy distillation): the same clipped surrogate with a per-token advantage
-    `lp_teacher - lp_old` (+ `reward_coef` times the batch's sequence advantages), `rl.losses.opd_advantages`;
+    `lp_teacher - lp_old` (+ `reward_coef` times the batch's sequence advantages),
+    `algorithms.losses.distill.opd_advantages`;
   - `"opd_jsd"`: the generalised JSD to the teacher over the whole vocabulary at every completion position, with
     gradient through the student's full logits; the teacher's logits come from the teacher actor one micro-batch
     at a time (memory: see `learner/teacher.py`); plus the policy term on `reward_coef` x sequence advantages if > 0.
@@ -177,7 +178,7 @@ class LearnerImpl(WeightSender):
     """Holds the policy and optimizer. Methods are the actor's RPC surface; see `Learner`."""
 
     def __init__(self, settings: LearnerSettings, teacher=None):
-        """`teacher`: the `rl.teacher.Teacher` actor (or an in-process `TeacherImpl`) that `opd_jsd` asks for logits."""
+        """`teacher`: the `learner.teacher.Teacher` actor (or an in-process `TeacherImpl`) `opd_jsd` asks for logits."""
         self.settings = s = settings
         if s.loss not in LOSSES:
             raise ValueError(f"LearnerSettings.loss: unknown {s.loss!r}; allowed: {', '.join(LOSSES)}")

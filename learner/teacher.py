@@ -9,7 +9,7 @@ Memory, stated: `logits` is B * C * V numbers (Qwen's 152k vocabulary: ~0.3 MB p
 asks for one micro-batch at a time (`train.micro_batch_size` rows, each trimmed to its own longest completion),
 and the logits travel in the teacher's dtype; the whole rollout batch's logits are never held at once (the price:
 with several updates per rollout batch they are fetched again for each update). Log-probs use the sampling
-temperature, like the student's (ALGORITHMS.md's notation).
+temperature, like the student's (docs/algorithms.md#notation).
 
 Teacher and student must share a tokenizer: `check_same_tokenizer` compares them before any work starts.
 """

@@ -1,6 +1,6 @@
 """Offline datasets: read and check SFT / preference rows, and tokenize them with the chat template.
 
-Row formats (DESIGN.md, "Data that flows"):
+Row formats (docs/offline.md#data):
 - SFT: `prompt` + `completion`, or `messages` (a whole chat; the loss goes on the assistant turns);
 - preference (dpo, orpo, reward_model): `prompt`, `chosen`, `rejected`.
 Prompts and completions are strings or chat messages (`[{"role": ..., "content": ...}]`); a string prompt is one

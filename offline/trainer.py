@@ -3,7 +3,7 @@
 One loop for every method: each optimizer step takes `train.batch_size` rows in the resumable order of
 `data.sources.batch_indices` (a fresh seeded shuffle per epoch), splits them into micro-batches of
 `train.micro_batch_size`, accumulates gradients, clips by global norm and steps AdamW with the learner's LR schedule
-(`rl.learner.lr_lambda`: the same optimizer, schedule and clipping conventions as online training). The run folder
+(`learner.learner.lr_lambda`: the same optimizer, schedule and clipping conventions as online training). The run folder
 is the one GRPO leaves: config.yaml, metrics.jsonl, TensorBoard, checkpoints/step-N, final/, curves.png.
 
 The methods' math is in `algorithms/losses/` and the batching in `offline/objectives.py`. Reference model for DPO:

@@ -1,9 +1,10 @@
 """On-policy distillation (OPD), the controller's side: the student samples, the teacher actor grades its tokens.
 
 GKD (Agarwal et al., 2306.13649, on-policy with lambda = 1) and the Qwen3 report's on-policy distillation, as
-ALGORITHMS.md writes them. `OnlineTrainer` runs the loop; this module builds its OPD pieces:
+docs/algorithms.md#on-policy-distillation writes them. `OnlineTrainer` runs the loop; this module builds its OPD pieces:
   - `opd.loss: reverse_kl`: the teacher's log-probs of the sampled completion tokens go in the batch; the learner
-    forms the per-token advantage `lp_teacher - lp_old` (`rl.losses.opd_advantages`) and takes the policy step;
+    forms the per-token advantage `lp_teacher - lp_old` (`algorithms.losses.distill.opd_advantages`)
+    and takes the policy step;
   - `opd.loss: jsd`: the learner asks the teacher for its logits one micro-batch at a time (`learner/teacher.py`);
   - with `opd.reward_coef > 0`, the recipe's rewards add their group-relative advantage (GRPO's, with
     `algorithm.advantage_std`) times `reward_coef` to every token of the completion.

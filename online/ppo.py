@@ -1,6 +1,6 @@
 """PPO, the controller's side: the critic actor and the batch that trains both the policy and the critic.
 
-PPO (Schulman et al., 1707.06347) for LMs as InstructGPT (2203.02155) runs it, with the math of ALGORITHMS.md:
+PPO (Schulman et al., 1707.06347) for LMs as InstructGPT (2203.02155) runs it, with the math of docs/algorithms.md#ppo:
 per-token rewards `-kl_coef * KL_t` (k1/k2/k3 of `lp_old` vs `lp_ref`) plus the sequence score at the last completion
 token, GAE(gamma, lam) with the critic's values, returns = advantages + values, advantages optionally whitened over
 the batch. `OnlineTrainer` runs the loop; the learner takes the clipped-surrogate steps on the per-token advantages

@@ -8,10 +8,11 @@ One trainer runs every online `algorithm.name`:
   - `opd`: on-policy distillation, a teacher actor grades every sampled token (`online/opd.py`, `learner/teacher.py`);
   - `ppo` (1707.06347): a critic actor's values, GAE per token, the policy and the critic trained side by side
     (`online/ppo.py`, `learner/critic.py`).
-Options shared by the policy-gradient ones: DAPO's dynamic sampling (drop zero-variance groups, generate more
-prompts to refill, at most `max_refill_rounds` extra rounds), several updates per rollout batch, and the KL to the
-reference in the loss or in the reward. This module only wires components; the math lives in `rl/advantages*.py`,
-`algorithms/registry.py`, `algorithms/rft.py`, `algorithms/losses/` and `algorithms/reduction.py`.
+Options shared by the policy-gradient ones: DAPO's dynamic sampling (drop zero-variance groups, generate more prompts to
+refill, at most `max_refill_rounds` extra rounds), several updates per rollout batch, and the KL to the reference in the
+loss or in the reward. This module only wires components; the math lives in `algorithms/advantages.py`,
+`algorithms/reinforce_pp.py`, `algorithms/registry.py`, `algorithms/rft.py`, `algorithms/losses/` and
+`algorithms/reduction.py`.
 """
 
 from __future__ import annotations

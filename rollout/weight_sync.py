@@ -195,7 +195,7 @@ def load_buckets(engine, refs: Sequence[ray.ObjectRef], timeout_s: float) -> dic
 
 
 class WeightSender:
-    """The learner's side of every transport (mixed into `rl.learner.LearnerImpl`; needs `self.model`)."""
+    """The learner's side of every transport (mixed into `learner.learner.LearnerImpl`; needs `self.model`)."""
 
     def sync_tensors(self, only_changed: bool) -> Iterator[tuple[str, torch.Tensor]]:
         """What a sync sends: plain-named tensors, LoRA merged (only the adapted layers with `only_changed`)."""

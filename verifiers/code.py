@@ -1,4 +1,6 @@
-"""Run model-written Python against tests, hardened against reward hacking (see shared/VERIFIERS.md).
+"""Run model-written Python against tests, hardened against reward hacking.
+
+Threat model and defences: docs/rewards-and-verifiers.md#threat-model.
 
 Two modes:
 - `run_io_tests`: one fresh sandboxed process per case, the input on stdin; the expected output never enters the

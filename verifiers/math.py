@@ -5,7 +5,7 @@ normalised string equality; exact rational equality when both sides are plain nu
 `a/b`, `\\frac{a}{b}`; `fractions.Fraction`, so 0.3333 != 1/3); sympy `simplify(a - b) == 0` for short
 expressions of single-letter symbols, `sqrt` and `pi`. `verify`/`verify_many` run the whole check in a pool of
 worker processes (`verifiers/pool.py`) whose worker is SIGKILLed and replaced after `timeout` seconds, so a
-hostile response cannot hang, crash or bloat the caller (see VERIFIERS.md).
+hostile response cannot hang, crash or bloat the caller (see docs/rewards-and-verifiers.md#math-answers).
 Structured answers are compared part by part with the same rules: sets, `\\{...\\}` and bare comma lists
 without order; intervals and tuples in order, with the bracket types required to match; unions of intervals
 without order; `pmatrix`/`bmatrix` matrices cell by cell. Equations: `x = 3` equals `3` (a single-letter

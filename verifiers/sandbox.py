@@ -1,6 +1,6 @@
 """Run untrusted Python in a fresh, isolated, resource-limited process (the low layer of `verifiers.code`).
 
-Layers, strongest available first (see shared/VERIFIERS.md, "Code execution"):
+Layers, strongest available first (see docs/rewards-and-verifiers.md#code-execution):
 - bubblewrap: new pid/net/ipc/uts (and, when not root, user) namespaces, so no network, no view of host
   processes, and every process of the run dies with the sandbox; a read-only view of /usr, /lib*, /bin and the
   Python installation only (no home, no project, no host /tmp); a private size-capped tmpfs as /tmp and cwd;

@@ -37,7 +37,7 @@ def generalized_jsd(
         mask_BT: [batch, tokens], nonzero on the completion tokens that carry loss.
         beta: in [0, 1].
         temperature: both logits are divided by it (> 0).
-        num_tokens: step-wide token count, as in `rl.reduction.token_mean`; `None` counts this call's tokens.
+        num_tokens: step-wide token count, as in `algorithms.reduction.token_mean`; `None` counts this call's tokens.
 
     Metrics: `jsd` (this call's own token mean).
     Deviations: the endpoints above (the paper's formula is 0 there; the paper itself quotes the limits in the
@@ -52,7 +52,7 @@ def generalized_jsd_per_token(
     student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, mask_BT: Tensor, beta: float, temperature: float = 1.0
 ) -> Tensor:
     """`generalized_jsd`'s per-token values [batch, tokens] (nats), 0 where the mask is 0; reduce them as you choose
-    (`rl.reduction.reduce_loss`). Same arguments, definitions and endpoint limits as `generalized_jsd`."""
+    (`algorithms.reduction.reduce_loss`). Same arguments, definitions and endpoint limits as `generalized_jsd`."""
     if student_logits_BTV.shape != teacher_logits_BTV.shape:
         raise ValueError(
             f"generalized_jsd: student logits {tuple(student_logits_BTV.shape)} and teacher logits "
@@ -84,7 +84,7 @@ def reverse_kl_sampled(student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor)
     """Per-token sampled estimate of KL(student || teacher) at the student's own tokens: `lp_s - lp_t`, [batch, tokens].
 
     Its negative, `lp_t - lp_s`, is OPD's dense per-token reward/advantage (GKD 2306.13649 with beta=1; Qwen3
-    report). Unreduced and unmasked, like `rl.kl`; detach it when used as a reward. An unbiased estimate of the
+    report). Unreduced and unmasked, like `algorithms.kl`; detach it when used as a reward. An unbiased estimate of the
     per-token reverse KL only because the tokens are sampled from the student.
     """
     if student_logprobs_BT.shape != teacher_logprobs_BT.shape:
@@ -118,7 +118,7 @@ def opd_advantages(
 
     Deviation, stated: each token's advantage is its own reverse-KL term only (no sum of the KL still to come,
     i.e. discount 0, as Thinking Machines' on-policy distillation does); the full return would be the REINFORCE++
-    KL-to-go (`rl.advantages_ppo`).
+    KL-to-go (`algorithms.reinforce_pp`).
     """
     if teacher_logprobs_BT.shape != student_logprobs_BT.shape or mask_BT.shape != student_logprobs_BT.shape:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Policy-gradient losses, per token (reduce them with `rl.reduction.reduce_loss`).
+"""Policy-gradient losses, per token (reduce them with `algorithms.reduction.reduce_loss`).
 
 Two named variants share one clipped surrogate: `clipped_policy_loss` (PPO/GRPO, one ratio per token) and
 `gspo_policy_loss` (GSPO, one ratio per sequence, broadcast over its tokens).

@@ -1,6 +1,6 @@
 """Offline preference losses: DPO and its variants, and ORPO. Pure functions of tensors returning `(loss, metrics)`.
 
-Notation (ALGORITHMS.md, "Preference optimisation"): `S(y) = sum_t lp_t` over completion tokens (see
+Notation (docs/algorithms.md#dpo): `S(y) = sum_t lp_t` over completion tokens (see
 `sequence_logprob`), `d_c = S_pi(y_c) - S_ref(y_c)`, `d_r = S_pi(y_r) - S_ref(y_r)`, `z = d_c - d_r`. Every DPO
 variant takes the four sequence log-probs `[batch]` and returns the batch mean of its per-pair loss together with
 the same metrics: `rewards/chosen` = mean(beta d_c), `rewards/rejected` = mean(beta d_r),
@@ -93,7 +93,7 @@ def dpo_ipo(
         chosen_lengths_B, rejected_lengths_B: |y| in completion tokens, [batch]; must be > 0.
 
     Deviation: the paper's h is the *sum* log-ratio; dividing by the length (the per-token mean) is TRL's
-    choice, which ALGORITHMS.md adopts. The metrics use the unnormalised d_c, d_r like the other variants.
+    choice, which docs/algorithms.md#dpo adopts. The metrics use the unnormalised d_c, d_r like the other variants.
     """
     if beta <= 0:
         raise ValueError(f"dpo_ipo: beta must be > 0, got {beta}")

@@ -9,13 +9,13 @@ from posttrain.algorithms.reduction import token_mean
 
 
 def sft_nll(logprobs_BT: Tensor, mask_BT: Tensor, num_tokens: float | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Token-mean negative log-likelihood `sum(-lp * m) / num_tokens` (ALGORITHMS.md, "SFT").
+    """Token-mean negative log-likelihood `sum(-lp * m) / num_tokens` (docs/algorithms.md#sft).
 
     Args:
         logprobs_BT: [batch, tokens] log-probs of the target tokens (with gradient).
         mask_BT: [batch, tokens], nonzero on supervised tokens only (completion / assistant turns).
         num_tokens: the number of supervised tokens in the *whole optimizer step* (all micro-batches, all ranks),
-            as in `rl.reduction.token_mean`; then the micro-batch losses add up to the full-batch value. `None`
+            as in `algorithms.reduction.token_mean`; then the micro-batch losses add up to the full-batch value. `None`
             uses this call's own count, right only when the call sees the whole step.
 
     Metrics: `nll` (this call's own token mean, independent of `num_tokens`) and `num_tokens` (this call's count).

@@ -2,8 +2,8 @@
 
 The samples are drawn by the inference engine (`lp_sampler`), possibly with weights one step older than the learner's
 (async mode), while the policy-gradient loss is written for samples from the learner's policy before the update
-(`lp_old`). Each token's policy term is weighted by `w = min(exp(lp_old - lp_sampler), C)` (ALGORITHMS.md; Yao et
-al., "Your efficient RL framework secretly brings you off-policy RL training", 2025, the TIS fix): an importance
+(`lp_old`). Each token's policy term is weighted by `w = min(exp(lp_old - lp_sampler), C)` (docs/algorithms.md#tis; Yao
+et al., "Your efficient RL framework secretly brings you off-policy RL training", 2025, the TIS fix): an importance
 weight from sampler to learner, truncated at C so a token the sampler found unlikely cannot dominate the step.
 The weight carries no gradient: it multiplies the per-token loss like a constant.
 """
