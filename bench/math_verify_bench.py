@@ -3,8 +3,10 @@
 Reports, side by side, checks per second, p50/p99 latency per check (posttrain one call at a time through its
 worker pool, and the whole set at once with `verify_many` over all the pool's workers) and agreement with the
 labels (with the false positives and false negatives counted separately, and the per-category agreement).
+With `--public`, the set is the public graders' cases in ../shared/data/math_equiv_public.jsonl (gold, pred,
+equal) and posttrain runs both strict (the reward path) and non-strict (the last mathematical answer).
 
-    .venv/bin/python bench/math_verify_bench.py [--repeat N]
+    .venv/bin/python bench/math_verify_bench.py [--repeat N] [--public]
 
 math-verify is benchmark-only (not a posttrain dependency); install it with
     .venv/bin/python -m pip install math-verify
@@ -22,27 +24,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "verifiers" / "data" / "math_labelled.jsonl"
+PUBLIC = ROOT / ".." / "shared" / "data" / "math_equiv_public.jsonl"
 
 
-def load_cases() -> list[dict]:
-    return [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+def load_cases(public: bool = False) -> list[dict]:
+    """Cases as {gold, response, expected, category}; the public file's (gold, pred, equal, source) mapped onto it."""
+    path = PUBLIC if public else DATA
+    if not path.is_file():
+        raise SystemExit(f"math_verify_bench: no cases file at {path}")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not public:
+        return rows
+    return [
+        {"gold": r["gold"], "response": r["pred"], "expected": r["equal"], "category": r["source"].split("::")[-1]}
+        for r in rows
+    ]
 
 
-def posttrain_checker() -> Callable[[str, str], bool]:
+def posttrain_checker(strict: bool = True) -> Callable[[str, str], bool]:
     from posttrain.verifiers.math import verify
 
-    return verify
+    return lambda gold, response: verify(gold, response, strict=strict)
 
 
-def run_batched(cases: list[dict], repeat: int) -> dict:
+def run_batched(cases: list[dict], repeat: int, strict: bool = True) -> dict:
     """posttrain's `verify_many`: the whole set in one call, spread over the pool's workers (no per-check latency)."""
     from posttrain.verifiers.math import math_pool, verify_many
 
     golds, responses = [c["gold"] for c in cases], [c["response"] for c in cases]
-    verify_many(golds, responses)  # warm-up
+    verify_many(golds, responses, strict=strict)  # warm-up
     start = time.perf_counter()
     for _ in range(repeat):
-        results = verify_many(golds, responses)
+        results = verify_many(golds, responses, strict=strict)
     total = time.perf_counter() - start
     stats = _agreement(cases, results)
     stats.update(checks_per_s=len(cases) * repeat / total, p50_us=float("nan"), p99_us=float("nan"))
@@ -104,9 +117,12 @@ def _agreement(cases: list[dict], results: list[bool]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="timed passes over the set (after one warm-up pass)")
+    parser.add_argument("--public", action="store_true", help="the public graders' cases, strict and non-strict")
     args = parser.parse_args()
-    cases = load_cases()
+    cases = load_cases(args.public)
     checkers = {"posttrain": posttrain_checker()}
+    if args.public:
+        checkers["pt-loose"] = posttrain_checker(strict=False)
     other = math_verify_checker()
     if other is None:
         print("math-verify is not installed; benchmarking posttrain only. Install: pip install math-verify\n")
@@ -115,21 +131,31 @@ def main() -> None:
     stats = {name: run(check, cases, args.repeat) for name, check in checkers.items()}
     batched = run_batched(cases, args.repeat)
     stats = {"posttrain": stats["posttrain"], f"posttrain x{batched['workers']}": batched, **stats}
+    if args.public:
+        stats[f"pt-loose x{batched['workers']}"] = run_batched(cases, args.repeat, strict=False)
+    _report(cases, stats, args.repeat, per_category=not args.public)
+
+
+def _report(cases: list[dict], stats: dict[str, dict], repeat: int, per_category: bool) -> None:
     n = len(cases)
-    print(f"{n} labelled cases ({sum(not c['expected'] for c in cases)} must-be-False), {args.repeat} timed passes\n")
-    print(f"{'verifier':<12} {'checks/s':>10} {'p50 us':>9} {'p99 us':>10} {'agree':>13} {'false+':>7} {'false-':>7}")
+    print(f"{n} labelled cases ({sum(not c['expected'] for c in cases)} must-be-False), {repeat} timed passes\n")
+    print(f"{'verifier':<14} {'checks/s':>10} {'p50 us':>9} {'p99 us':>10} {'agree':>13} {'false+':>7} {'false-':>7}")
     for name, s in stats.items():
         agree = f"{s['agree']}/{n} {100 * s['agree'] / n:.1f}%"
         print(
-            f"{name:<12} {s['checks_per_s']:>10.0f} {s['p50_us']:>9.1f} {s['p99_us']:>10.1f} {agree:>13} "
+            f"{name:<14} {s['checks_per_s']:>10.0f} {s['p50_us']:>9.1f} {s['p99_us']:>10.1f} {agree:>13} "
             f"{s['false_pos']:>7} {s['false_neg']:>7}"
         )
     if "math-verify" in stats:
-        base = stats["math-verify"]["checks_per_s"]
+        base = stats["math-verify"]
         print(
-            "\nthroughput vs math-verify: "
-            + ", ".join(f"{name} {s['checks_per_s'] / base:.1f}x" for name, s in stats.items())
+            "\nvs math-verify, throughput: "
+            + ", ".join(f"{name} {s['checks_per_s'] / base['checks_per_s']:.1f}x" for name, s in stats.items())
+            + "\nvs math-verify, agreement: "
+            + ", ".join(f"{name} {s['agree'] / base['agree']:.2f}x" for name, s in stats.items())
         )
+    if not per_category:
+        return
     print("\nagreement per category:")
     print(f"{'category':<18}" + "".join(f"{name:>14}" for name in stats))
     for category in sorted(stats["posttrain"]["per_category"]):

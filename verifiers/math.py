@@ -28,12 +28,11 @@ from fractions import Fraction
 import sympy
 from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rationalize, standard_transformations
 
+from posttrain.verifiers.math_answer import boxed_contents, loose_answer, marked_answer
+from posttrain.verifiers.math_answer import gold_answer as gold_answer_of
 from posttrain.verifiers.pool import CallResult, WorkerPool
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ANSWER_IS_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE)
-_LAST_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+_NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}(?:\^\s*\{?[23]\}?)?")
 _UNIT_WORDS_RE = re.compile(r"([-+]?[\d.,/]+)\s*([a-zA-Z][a-zA-Z\s]*)")
@@ -45,48 +44,19 @@ _SYMPY_NAMES = {"sqrt": sympy.sqrt, "pi": sympy.pi, "factorial": sympy.factorial
 _TRANSFORMATIONS = (*standard_transformations, implicit_multiplication, rationalize)
 
 
-def boxed_contents(text: str) -> list[str]:
-    """Contents of every top-level `\\boxed{...}` / `\\fbox{...}` in `text`, in order (braces balanced)."""
-    closing: dict[int, int] = {}  # index of "{" -> index of its matching "}", one linear pass
-    stack: list[int] = []
-    for i, ch in enumerate(text):
-        if ch == "{":
-            stack.append(i)
-        elif ch == "}" and stack:
-            closing[stack.pop()] = i
-    contents, end = [], -1
-    for match in _BOX_RE.finditer(text):
-        open_at = match.end() - 1
-        if open_at < end or open_at not in closing:  # nested inside the previous box, or never closed
-            continue
-        end = closing[open_at]
-        contents.append(text[open_at + 1 : end])
-    return contents
-
-
 def extract_answer(response: str, strict: bool = True) -> str | None:
     """The final answer in `response`, or None when there is none.
 
-    Markers, in priority order: the last `\\boxed{}`/`\\fbox{}`; the last `<answer>...</answer>`; the text after
-    the last `####` up to the end of its line (GSM8K); "the answer is X". An empty final marker gives None.
-    With `strict=False` and no marker at all: the last number, else the whole stripped response (never use
-    that for rewards: it pays for guessing).
+    Strict: the answer an explicit marker gives (`math_answer.marked_answer`: the last box, `<answer>` tag,
+    `####` line or "the answer is X"); an empty final marker gives None. `strict=False`: the last mathematical
+    answer of any kind (`math_answer.loose_answer`: boxes, math spans, a short response that parses as one
+    expression, the last number standing alone); never use that for rewards, it pays for guessing.
     """
     if not isinstance(response, str):
         return None
-    tags_end = response.rfind("</answer>") + len("</answer>")  # so that every <answer> searched has a closing tag
-    for found in (boxed_contents(response), _ANSWER_TAG_RE.findall(response[:tags_end])):
-        if found:
-            return found[-1].strip() or None
-    if "####" in response:
-        return response.rsplit("####", 1)[1].split("\n", 1)[0].strip() or None
-    answer_is = _ANSWER_IS_RE.findall(response)
-    if answer_is:
-        return answer_is[-1].strip() or None
-    if strict:
-        return None
-    numbers = _LAST_NUMBER_RE.findall(response)
-    return numbers[-1] if numbers else (response.strip() or None)
+    if not strict:
+        return loose_answer(response, _parses)
+    return marked_answer(response)[1]
 
 
 def normalise(answer: str) -> str:
@@ -343,6 +313,31 @@ def _equal(gold: str, pred: str, deadline: float) -> bool:
     return _scalar_equal(gold, pred, deadline)
 
 
+def _parses(answer: str) -> bool:
+    """Whether `answer` reads as one mathematical expression: how `loose_answer` tells `\\frac{10}{9}` or `.4` (the
+    whole answer) from prose such as `AZYUK2A` (not even its digit)."""
+    return _is_expression(normalise(answer), depth=0)
+
+
+def _is_expression(s: str, depth: int) -> bool:
+    """A number, a sympy-safe expression, an equation of two, or a structured answer made of them."""
+    if not s:
+        return False
+    if _to_fraction(s) is not None or _to_sympy_source(s) is not None:
+        return True
+    if depth >= 2:  # `(1, x=2)` is as deep as an answer goes
+        return False
+    sides = s.split("=")
+    if len(sides) == 2:
+        return all(_is_expression(side, depth + 1) for side in sides)
+    structure = _structure(s)
+    if structure is None:
+        return False
+    if structure[0] == "matrix":
+        return all(_is_expression(cell, depth + 1) for row in structure[1] for cell in row)
+    return all(_is_expression(part, depth + 1) for part in structure[-1])
+
+
 def answers_equal(gold: str, pred: str, timeout: float = 5.0) -> bool:
     """Whether two already-extracted answers are equivalent (see the module docstring for the rules).
 
@@ -359,7 +354,7 @@ def answers_equal(gold: str, pred: str, timeout: float = 5.0) -> bool:
 def verify_here(gold: str, response: str, strict: bool = True) -> bool:
     """`verify` computed in this process, with no timeout: what the pool's workers run. Never raises."""
     try:
-        gold_answer = extract_answer(gold, strict=True) or gold.strip()
+        gold_answer = gold_answer_of(gold)
         pred_answer = extract_answer(response, strict=strict)
         if pred_answer is None:
             return False
