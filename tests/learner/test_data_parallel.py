@@ -6,6 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("ray", reason="needs ray (the learner and rollout workers are Ray actors)")
+
 import ray
 import torch
 

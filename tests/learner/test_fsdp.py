@@ -8,6 +8,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("ray", reason="needs ray (the learner and rollout workers are Ray actors)")
+
 import ray
 import torch
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("ray", reason="needs ray (the learner and rollout workers are Ray actors)")
+
 from posttrain.config import ConfigError, check_resumable, dump_config, load_config, validate_config
 from posttrain.models.loading import load_model
 from posttrain.models.tiny import tiny_model_path

@@ -147,6 +147,7 @@ def cuda_engine(path):
     """One vLLM engine with sleep mode on the GPU for the module (several vLLMs in one process are fragile)."""
     if not torch.cuda.is_available():
         pytest.skip("vLLM's sleep mode needs a CUDA GPU")
+    pytest.importorskip("vllm", reason="needs vllm (pip install vllm)")
     return VLLMEngine(path, device="cuda", sleep_mode=True, gpu_memory_utilization=0.3, max_batch_size=8)
 
 

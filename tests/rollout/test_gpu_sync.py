@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("ray", reason="needs ray (the learner and rollout workers are Ray actors)")
+
 from posttrain.learner.learner import Learner, LearnerSettings
 from posttrain.models.loading import load_model
 from posttrain.rollout.gpu_sync import pickled_specs, unpickled_specs
