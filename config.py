@@ -124,7 +124,8 @@ class ScoringConfig(_Section):
     workers: int = Field(1, ge=0)
     """reward worker actors scoring shards of each batch in parallel (0 = in the driver, without timeouts)"""
     timeout: float = Field(60.0, gt=0)
-    """seconds one sample may take to score; a sample past it fails like a raising reward (algorithm.on_reward_error)"""
+    """seconds one reward function may take on one worker's shard of a batch; past it (or when the worker dies) the
+    function fails on those samples like a raising reward (algorithm.on_reward_error) and the worker is replaced"""
 
 
 class RolloutConfig(_Section):
