@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from posttrain.models.locations import ModelNotFoundError, check_model_path
 
 OFFLINE_ALGORITHMS = ("sft", "dpo", "orpo", "reward_model")
 """algorithms that train on a dataset in the CLI process (no rollouts, no Ray)"""
@@ -28,6 +30,19 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _model_location(key: str):
+    """A field validator: a model name that can only be a folder (`./x`, `/x`, `a/b/c`) must be one, here and now."""
+
+    def check(cls, value: str | None) -> str | None:
+        try:
+            check_model_path(key, value)
+        except ModelNotFoundError as err:
+            raise ValueError(str(err)) from None
+        return value
+
+    return field_validator("path" if key == "model.path" else "teacher")(check)
 
 
 class LoraConfig(_Section):
@@ -55,6 +70,8 @@ class ModelConfig(_Section):
     """system message put before every prompt"""
     use_chat_template: bool = True
     """format prompts with the tokenizer's chat template"""
+
+    _check_path = _model_location("model.path")
 
 
 class ArithmeticSource(_Section):
@@ -124,7 +141,8 @@ class ScoringConfig(_Section):
     workers: int = Field(1, ge=0)
     """reward worker actors scoring shards of each batch in parallel (0 = in the driver, without timeouts)"""
     timeout: float = Field(60.0, gt=0)
-    """seconds one sample may take to score; a sample past it fails like a raising reward (algorithm.on_reward_error)"""
+    """seconds one reward function may take on one worker's shard of a batch; past it (or when the worker dies) the
+    function fails on those samples like a raising reward (algorithm.on_reward_error) and the worker is replaced"""
 
 
 class RolloutConfig(_Section):
@@ -331,6 +349,8 @@ class TracesConfig(_Section):
     chunk_problems: int = Field(16, ge=1)
     """problems generated per chunk: the unit of progress that an interrupted run resumes after"""
 
+    _check_teacher = _model_location("traces.teacher")
+
 
 class OPDConfig(_Section):
     teacher: str | None = None
@@ -347,6 +367,8 @@ class OPDConfig(_Section):
     """the teacher's weights dtype (default: model.dtype)"""
     teacher_batch_size: int = Field(8, ge=1)
     """sequences per teacher forward pass"""
+
+    _check_teacher = _model_location("opd.teacher")
 
 
 class PPOConfig(_Section):

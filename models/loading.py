@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.models.locations import check_hub_model, check_model_path
+
 DEMO_MODEL_ALIASES = ("smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
 
 _DTYPES = {
@@ -23,12 +25,14 @@ _DTYPES = {
 }
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, key: str | None = None) -> str:
     """Map a model name to what `from_pretrained` should load.
 
     The demo aliases ("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", any case) become the local
     converted demo folder (converted from the GGUF on first use, see `models.demo`); an existing local folder is
-    returned unchanged, and so is anything else (a hub id, loaded by transformers as usual).
+    returned unchanged, and so is anything else (a hub id, loaded by transformers as usual). With `key` (the recipe
+    key it came from; the run's driver passes it, actors do not), a missing folder or a hub id that is neither
+    cached nor reachable raises `ModelNotFoundError` naming the key, in seconds (`models.locations`).
     """
     if Path(name_or_path).expanduser().is_dir():
         return name_or_path
@@ -36,6 +40,9 @@ def resolve_model_path(name_or_path: str) -> str:
         from posttrain.models.demo import demo_model_path
 
         return str(demo_model_path())
+    if key is not None:
+        check_model_path(key, name_or_path)
+        check_hub_model(key, name_or_path)
     return name_or_path
 
 

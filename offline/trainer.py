@@ -112,7 +112,7 @@ class OfflineTrainer:
         self.cfg = cfg
         self.method = cfg.algorithm.name
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
-        self.model_path = model_path = resolve_model_path(cfg.model.path)
+        self.model_path = model_path = resolve_model_path(cfg.model.path, "model.path")
         self.tokenizer = load_tokenizer(model_path, padding_side="right")
         self.pad_id = self.tokenizer.pad_token_id
         chat = ChatTokenizer(self.tokenizer, cfg.model.system_prompt, cfg.model.use_chat_template, cfg.train.max_length)

@@ -161,6 +161,7 @@ def start_learner(cfg: RecipeConfig, model_path: str, teacher=None, placement: P
     return learner
 
 
-def model_path_of(cfg: RecipeConfig) -> str:
-    """The resolved model location (the demo alias becomes its converted local folder)."""
-    return resolve_model_path(cfg.model.path)
+def model_path_of(cfg: RecipeConfig, key: str = "model.path") -> str:
+    """The resolved model location (the demo alias becomes its converted local folder); a missing folder or an
+    unreachable hub id fails here, naming `key`."""
+    return resolve_model_path(cfg.model.path, key)

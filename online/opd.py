@@ -30,7 +30,7 @@ from posttrain.models.loading import resolve_model_path
 
 def teacher_path(cfg: RecipeConfig, student_path: str) -> str:
     """The resolved teacher location, after checking that it shares the student's tokenizer (raises naming both)."""
-    path = resolve_model_path(cfg.opd.teacher)
+    path = resolve_model_path(cfg.opd.teacher, "opd.teacher")
     check_same_tokenizer(student_path, path)
     return path
 

@@ -96,9 +96,11 @@ def score(samples: list[Sample], scorer: Scorer, on_error: str, group_size: int 
 
 def concat_scores(parts: list[RewardScores]) -> RewardScores:
     """The scores of several scoring calls as one batch, in order (skipped indices shifted)."""
-    total, per_function, skipped, errors, offset = [], {}, [], [], 0
+    total, per_function, skipped, errors, failed, offset = [], {}, [], [], {}, 0
     for part in parts:
         total += part.total
+        for name, count in part.failed.items():
+            failed[name] = failed.get(name, 0) + count
         for name, values in part.per_function.items():
             per_function.setdefault(name, [None] * offset)
             per_function[name] += values
@@ -107,7 +109,7 @@ def concat_scores(parts: list[RewardScores]) -> RewardScores:
         offset += len(part.total)
     for values in per_function.values():
         values += [None] * (offset - len(values))
-    return RewardScores(total, per_function, skipped, errors)
+    return RewardScores(total, per_function, skipped, errors, failed)
 
 
 @dataclass

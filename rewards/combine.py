@@ -31,6 +31,8 @@ class RewardSpec:
     fn: Callable[..., Any]
     name: str
     weight: float = 1.0
+    source: str = ""
+    """where the recipe names it (`rewards[0].fn = 'my_rewards.py:f'`), shown in its failures"""
 
 
 class RewardError(Exception):
@@ -49,6 +51,8 @@ class RewardScores:
     """indices of the samples dropped with on_error="skip", ascending"""
     errors: list[str] = field(default_factory=list)
     """one message per skipped sample, in the order of `skipped`"""
+    failed: dict[str, int] = field(default_factory=dict)
+    """name -> samples the function failed on (raised, bad value, timed out, its worker died): skipped ones"""
 
 
 @dataclass
@@ -67,10 +71,11 @@ def _preview(value: Any) -> str:
     return repr(text[:_PREVIEW_CHARS] + ("..." if len(text) > _PREVIEW_CHARS else ""))
 
 
-def _sample_message(name: str | None, index: int, what: str, prompts: list, completions: list) -> str:
+def _sample_message(name: str | None, index: int, what: str, prompts: list, completions: list, source: str = "") -> str:
     who = f"reward function {name!r} failed on" if name else "no reward function scored"
+    where = f"  function: {source}\n" if source else ""
     return (
-        f"{who} sample {index}: {what}\n"
+        f"{who} sample {index}: {what}\n{where}"
         f"  prompt: {_preview(prompts[index])}\n  completion: {_preview(completions[index])}"
     )
 
@@ -168,6 +173,9 @@ class PartialScores:
     """(function name or None, sample index, what went wrong)"""
     causes: list[BaseException | None] = field(default_factory=list)
     """the exception behind each failure, where there is one (in this process only: not sent between processes)"""
+    lost: list[tuple[str, int, str]] = field(default_factory=list)
+    """(function name, sample index, what happened) for each sample of a call that never returned (timed out, its
+    worker died): failures too, but not evidence that the function fails on each of those samples"""
 
 
 def score_partial(
@@ -217,24 +225,31 @@ def finish_scores(
     per_function = {name: list(values) for name, values in partial.per_function.items()}
     causes = list(partial.causes) + [None] * (len(partial.failures) - len(partial.causes))
     failures = [(*failure, cause) for failure, cause in zip(partial.failures, causes, strict=True)]
+    sources = {spec.name: spec.source for spec in specs}
     for spec in specs:  # failing on every sample is a bug in the function, never a reason to skip
         indices = [index for name, index, _, _ in failures if name == spec.name]
         if batch_size > 1 and len(set(indices)) == batch_size:
             _, index, what, cause = next(f for f in failures if f[0] == spec.name)
             what = f"{what} (and on all {batch_size} samples of the batch)"
-            raise RewardError(_sample_message(spec.name, index, what, prompts, completions)) from cause
+            raise RewardError(_sample_message(spec.name, index, what, prompts, completions, spec.source)) from cause
+    failures += [(*lost, None) for lost in partial.lost]
     for index in range(batch_size):
         if all(values[index] is None for values in per_function.values()):
             if not any(failed == index for _, failed, _, _ in failures):
                 failures.append((None, index, f"all of {list(per_function)} returned None", None))
 
     errors_by_index: dict[int, str] = {}
+    failed = {spec.name: 0 for spec in specs}
     for name, index, what, cause in failures:
-        message = _sample_message(name, index, what, prompts, completions)
+        message = _sample_message(name, index, what, prompts, completions, sources.get(name or "", ""))
         if on_error == "raise":
             raise RewardError(message) from cause
         errors_by_index.setdefault(index, message)
-    return _combine(specs, per_function, errors_by_index, batch_size)
+        if name in failed:
+            failed[name] += 1
+    scores = _combine(specs, per_function, errors_by_index, batch_size)
+    scores.failed = failed
+    return scores
 
 
 def score_samples(
@@ -280,7 +295,8 @@ def _combine(
 
 def reward_metrics(scores: RewardScores) -> dict[str, float]:
     """Per-step logging: `reward/mean`, `reward/std` (population) over the scored samples, `reward/skipped`
-    (count), and per function `reward/<name>/mean` over its non-None values plus `reward/<name>/count`.
+    (count), and per function `reward/<name>/mean` over its non-None values plus `reward/<name>/count` and
+    `reward/<name>/failed` (the skipped samples it failed on).
     A mean or std with no values to average is left out rather than logged as 0 or NaN."""
     metrics: dict[str, float] = {"reward/skipped": float(len(scores.skipped))}
     totals = [value for value in scores.total if not math.isnan(value)]
@@ -291,6 +307,8 @@ def reward_metrics(scores: RewardScores) -> dict[str, float]:
     for name, values in scores.per_function.items():
         present = [value for value in values if value is not None]
         metrics[f"reward/{name}/count"] = float(len(present))
+        if name in scores.failed:
+            metrics[f"reward/{name}/failed"] = float(scores.failed[name])
         if present:
             metrics[f"reward/{name}/mean"] = math.fsum(present) / len(present)
     return metrics

@@ -116,7 +116,7 @@ def build_reward_specs(entries: list[dict[str, Any]], names: list[str], base_dir
         except Exception as err:
             raise RewardLoadError(f"rewards[{i}].fn = {entry['fn']!r}: {err}") from None
         fn = _bind_args(fn, entry.get("args") or {}, f"rewards[{i}] ({entry['fn']})")
-        specs.append(RewardSpec(fn=fn, name=name, weight=entry.get("weight", 1.0)))
+        specs.append(RewardSpec(fn, name, entry.get("weight", 1.0), source=f"rewards[{i}].fn = {entry['fn']!r}"))
     return specs
 
 

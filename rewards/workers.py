@@ -1,25 +1,29 @@
-"""Reward scoring in Ray actors: off the driver, shards of a batch in parallel, a time limit per sample.
+"""Reward scoring in Ray actors: off the driver, shards of a batch in parallel, a time limit per function call.
 
 `RewardPool.score` has the signature of `combine.score_samples` (less the specs) and returns the same
 `RewardScores`. Each `RewardWorker` actor loads the recipe's reward functions itself, scores a contiguous shard
 of the batch (whole prompt groups when `group_size` is given), and sends back plain values and failures; the
 pool applies the failure rules to the whole batch (`finish_scores`), so sharding never changes the result.
 
-Timeouts: a shard of k samples may take `timeout * k` seconds. A shard that runs past that (or whose worker
-dies) gets its worker killed and replaced, and its samples are scored again one at a time with `timeout` each;
-a sample that still runs out of time (or kills its worker) becomes a failure pinned to that sample, which stops
-the run (`on_error="raise"`) or drops the sample (`"skip"`) like any other reward failure. A hung reward
-function can therefore never hang training.
+Timeouts: each worker calls the functions on its shard one after another, one call per function (the `async def`
+ones in one call, awaited together as in-process), and each call may take `timeout` seconds. A call that runs
+past it, or whose worker dies (`os._exit`, out of memory), fails that function on every sample of the shard (a
+batch call cannot say which sample hung); the worker is killed and replaced and the shard's remaining functions
+run on the new one, so the other functions' scores stand. A hung function thus costs one `timeout` per step
+(the shards time out in parallel), never one per sample, and the failure stops the run (`on_error="raise"`,
+naming the function, the samples and what happened) or drops those samples (`"skip"`) like any reward failure.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from posttrain.rewards.combine import (
     PartialScores,
@@ -51,9 +55,10 @@ class RewardWorker:
         return os.getpid()
 
     def score(
-        self, prompts: list, completions: list, columns: dict[str, list], completion_ids: list | None
+        self, which: list[int], prompts: list, completions: list, columns: dict[str, list], completion_ids: list | None
     ) -> PartialScores:
-        partial = score_partial(self.specs, prompts, completions, columns, completion_ids)
+        """The functions `which` (positions in the recipe's `rewards`) on one shard."""
+        partial = score_partial([self.specs[i] for i in which], prompts, completions, columns, completion_ids)
         partial.causes = []  # exceptions stay here: their messages are already in `failures`
         return partial
 
@@ -68,8 +73,29 @@ def shard_bounds(batch_size: int, shards: int, group_size: int = 1) -> list[tupl
     return bounds
 
 
+def scoring_calls(specs: list[RewardSpec]) -> list[list[int]]:
+    """The calls a worker makes per shard, as spec positions: each plain function alone (a hang or a crash is then
+    pinned to it), the `async def` ones together (awaited concurrently, as `score_samples` does)."""
+    awaited = [i for i, spec in enumerate(specs) if inspect.iscoroutinefunction(spec.fn)]
+    alone = [[i] for i in range(len(specs)) if i not in awaited]
+    return alone + ([awaited] if awaited else [])
+
+
 def _slice(values: Any, start: int, end: int) -> Any:
     return None if values is None else values[start:end]
+
+
+@dataclass
+class _Shard:
+    """One worker's part of a batch: samples [start, end) and its calls not yet returned, in execution order."""
+
+    position: int
+    start: int
+    end: int
+    queue: list[tuple[list[int], Any]]
+    """(spec positions, object ref) per pending call; the worker runs them one at a time in this order"""
+    deadline: float
+    """when the first pending call runs out of time (`timeout` after the call before it returned)"""
 
 
 class RewardPool:
@@ -88,6 +114,7 @@ class RewardPool:
         self.entries = entries
         self.specs = specs  # names and weights for combining; the functions run in the workers
         self.names = [spec.name for spec in specs]
+        self.calls = scoring_calls(specs)
         self.timeout = timeout
         self.base_dir = os.path.abspath(base_dir or os.getcwd())
         cpus = os.cpu_count() or 1
@@ -115,74 +142,65 @@ class RewardPool:
         group_size: int = 1,
     ) -> RewardScores:
         """Score the batch on the workers (see the module docstring); raises `RewardError` like `score_samples`."""
-        batch_size = len(completions)
-        bounds = shard_bounds(batch_size, len(self.workers), group_size)
-        start = time.monotonic()
-        refs = [
-            self.workers[i].score.remote(
-                prompts[a:b], completions[a:b], {k: v[a:b] for k, v in columns.items()}, _slice(completion_ids, a, b)
-            )
-            for i, (a, b) in enumerate(bounds)
+        batch = (prompts, completions, columns, completion_ids)
+        merged = PartialScores({name: [None] * len(completions) for name in self.names})
+        shards = [
+            self._submit(_Shard(i, a, b, [], 0.0), self.calls, batch)
+            for i, (a, b) in enumerate(shard_bounds(len(completions), len(self.workers), group_size))
         ]
-        parts: list[PartialScores] = []
-        for i, ((a, b), ref) in enumerate(zip(bounds, refs, strict=True)):
-            left = max(0.0, start + self.timeout * (b - a) - time.monotonic())
-            part = self._get(ref, left)
-            if part is None:  # out of time or the worker died: score this shard sample by sample
-                self._replace(i)
-                part = self._one_at_a_time(i, prompts[a:b], completions[a:b], columns, completion_ids, a)
-            parts.append(part)
-        return finish_scores(self.specs, _merge(self.names, parts, bounds), prompts, completions, on_error)
+        while active := [shard for shard in shards if shard.queue]:
+            heads = {shard.queue[0][1]: shard for shard in active}
+            wait = max(0.0, min(shard.deadline for shard in active) - time.monotonic())
+            ready, _ = ray.wait(list(heads), num_returns=1, timeout=wait)
+            for shard in active:
+                if shard.queue[0][1] in ready:
+                    self._collect(shard, merged, batch)
+                elif time.monotonic() >= shard.deadline:
+                    what = f"did not finish within {self.timeout:g} s (scoring.timeout)"
+                    self._lose(shard, merged, what, batch)
+        return finish_scores(self.specs, merged, prompts, completions, on_error)
 
-    def _get(self, ref: Any, timeout: float) -> PartialScores | None:
+    def _submit(self, shard: _Shard, calls: list[list[int]], batch: tuple) -> _Shard:
+        prompts, completions, columns, completion_ids = batch
+        a, b = shard.start, shard.end
+        args = (prompts[a:b], completions[a:b], {k: v[a:b] for k, v in columns.items()}, _slice(completion_ids, a, b))
+        worker = self.workers[shard.position]
+        shard.queue = [(which, worker.score.remote(which, *args)) for which in calls]
+        shard.deadline = time.monotonic() + self.timeout
+        return shard
+
+    def _collect(self, shard: _Shard, merged: PartialScores, batch: tuple) -> None:
+        """The first pending call returned: its values into `merged`, or its worker died (replaced)."""
+        which, ref = shard.queue[0]
         try:
-            return ray.get(ref, timeout=timeout)
-        except GetTimeoutError:  # the caller kills the worker (actor tasks cannot be force-cancelled)
-            return None
-        except (ActorDiedError, RayActorError):
-            return None
+            part = ray.get(ref)
+        except RayActorError:
+            self._lose(shard, merged, "its reward worker process died (os._exit, a signal, out of memory)", batch)
+            return
         except RayTaskError as error:  # the worker raised (e.g. a function returned the wrong shape): a bug
             raise RewardError(str(getattr(error, "cause", None) or error)) from None
+        shard.queue.pop(0)
+        for name, values in part.per_function.items():
+            merged.per_function[name][shard.start : shard.end] = values
+        merged.failures += [(name, shard.start + index, what) for name, index, what in part.failures]
+        shard.deadline = time.monotonic() + self.timeout
 
-    def _one_at_a_time(
-        self, position: int, prompts: list, completions: list, columns: dict, completion_ids: list | None, offset: int
-    ) -> PartialScores:
-        merged = PartialScores({name: [] for name in self.names})
-        for j in range(len(completions)):
-            k = offset + j
-            ref = self.workers[position].score.remote(
-                [prompts[j]],
-                [completions[j]],
-                {key: values[k : k + 1] for key, values in columns.items()},
-                _slice(completion_ids, k, k + 1),
-            )
-            part = self._get(ref, self.timeout)
-            if part is None:
-                self._replace(position)
-                for values in merged.per_function.values():
-                    values.append(None)
-                merged.failures.append(
-                    (None, j, f"scoring did not finish within {self.timeout:g} s (scoring.timeout) or crashed")
-                )
-                continue
-            for name, values in part.per_function.items():
-                merged.per_function[name] += values
-            merged.failures += [(name, j, what) for name, _, what in part.failures]
-        return merged
+    def _lose(self, shard: _Shard, merged: PartialScores, what: str, batch: tuple) -> None:
+        """The first pending call never returned: fail its functions on the shard's samples, replace the worker and
+        run the shard's remaining calls on the new one."""
+        which, _ = shard.queue.pop(0)
+        names = [self.names[i] for i in which]
+        what = f"{what} on samples {shard.start}-{shard.end - 1}, scored in one call; the worker was replaced"
+        if len(names) > 1:
+            what += f" (the async functions {names} were awaited together in that call)"
+        merged.lost += [(name, index, what) for name in names for index in range(shard.start, shard.end)]
+        self._replace(shard.position)
+        self._submit(shard, [call for call, _ in shard.queue], batch)
 
     def close(self) -> None:
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         self.workers = []
-
-
-def _merge(names: list[str], parts: list[PartialScores], bounds: list[tuple[int, int]]) -> PartialScores:
-    merged = PartialScores({name: [] for name in names})
-    for part, (a, _) in zip(parts, bounds, strict=True):
-        for name, values in part.per_function.items():
-            merged.per_function[name] += values
-        merged.failures += [(name, a + index, what) for name, index, what in part.failures]
-    return merged
 
 
 class LocalScorer:

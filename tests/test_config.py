@@ -85,6 +85,30 @@ def test_missing_or_broken_recipe_file(tmp_path):
         load_config(bad)
 
 
+def test_a_model_path_that_is_not_a_folder_is_refused_naming_key_value_and_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = Path.cwd()  # tmp_path with any symlinks resolved, as the error shows it
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "weights.bin").write_text("")
+
+    def model(path: str, **sections) -> str:
+        return _error({**BASE, "model": {"path": path}, **sections})
+
+    assert model("./no_such_model") == (
+        f"invalid recipe:\n  - model.path = './no_such_model': the folder '{here}/no_such_model' does not "
+        f"exist (a relative path is resolved against the working directory, {here})"
+    )
+    assert f"'../m': the folder '{here.parent}/m' does not exist" in model("../m")
+    assert f"'runs/x/final': the folder '{here}/runs/x/final' does not exist" in model("runs/x/final")
+    assert "'/no/such/dir': the folder '/no/such/dir' does not exist\n" in model("/no/such/dir") + "\n"
+    assert f"'weights.bin/': the folder '{here}/weights.bin' is a file, not a model folder" in model("weights.bin/")
+    assert "opd.teacher = './t': the folder" in _error({**BASE, "opd": {"teacher": "./t"}})
+    assert "traces.teacher = 'a/b/c': the folder" in _error({**BASE, "traces": {"teacher": "a/b/c"}})
+    # hub ids (`org/name`, `name`), the demo alias and existing folders pass; a hub id is checked when loading
+    for path in ("Qwen/Qwen2.5-0.5B", "gpt2", "smollm2-135m-instruct", "./runs/x", "runs/x", str(tmp_path), "~"):
+        assert validate_config({**BASE, "model": {"path": path}}).model.path == path
+
+
 @pytest.mark.parametrize("recipe", ["quickstart.yaml", "grpo_gsm8k.yaml"])
 def test_shipped_recipes_validate(recipe):
     cfg = load_config(ROOT / "recipes" / recipe)

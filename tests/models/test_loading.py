@@ -1,5 +1,7 @@
 """Loading models and tokenizers, dtype names, and prompt formatting (chat template, system prompt, BOS rule)."""
 
+import time
+
 import pytest
 import torch
 from tokenizers import processors
@@ -11,6 +13,7 @@ from posttrain.models.loading import (
     resolve_model_path,
     torch_dtype,
 )
+from posttrain.models.locations import ModelNotFoundError
 from posttrain.models.tiny import build_tiny_tokenizer
 
 
@@ -18,6 +21,29 @@ def test_resolve_model_path_keeps_folders_and_hub_ids(tiny_path):
     assert resolve_model_path(str(tiny_path)) == str(tiny_path)
     assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     # the demo aliases are tested in test_demo.py (they trigger the one-time conversion)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_id_that_cannot_be_fetched_fails_in_one_line_within_seconds(offline, monkeypatch):
+    from huggingface_hub import constants
+
+    # offline mode; or asking the hub once (no network here: unreachable; with a network: no such repository)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    repo = "posttrain-tests/no-such-model"
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError) as raised:
+        resolve_model_path(repo, "opd.teacher")
+    assert time.monotonic() - start < 30  # transformers alone retried for about a minute, then a long traceback
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"opd.teacher = '{repo}': no local folder ")
+    assert ("HF_HUB_OFFLINE is set" in message) == offline
+
+
+def test_a_missing_folder_is_named_when_resolving_with_a_key(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(ModelNotFoundError, match=f"model.path = '{missing}': the folder '{missing}' does not exist$"):
+        resolve_model_path(missing, "model.path")
+    assert resolve_model_path(missing) == missing  # without a key (the actors): as given, for transformers
 
 
 def test_torch_dtype_names():

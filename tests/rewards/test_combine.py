@@ -6,7 +6,15 @@ from fractions import Fraction
 
 import pytest
 
-from posttrain.rewards.combine import RewardError, RewardScores, RewardSpec, reward_metrics, score_samples
+from posttrain.rewards.combine import (
+    PartialScores,
+    RewardError,
+    RewardScores,
+    RewardSpec,
+    finish_scores,
+    reward_metrics,
+    score_samples,
+)
 
 PROMPTS = ["p0", "p1", "p2"]
 COMPLETIONS = ["c0", "c1", "c2"]
@@ -107,6 +115,23 @@ def test_function_failing_on_every_sample_raises_even_when_skipping(values):
         score(RewardSpec(lambda **kwargs: [1 / 0], "always"), on_error="skip")
     one = score(RewardSpec(constant([math.nan]), "broken"), on_error="skip", prompts=["p"], completions=["c"])
     assert one.skipped == [0]  # a batch of one: nothing says the function rather than the sample is at fault
+
+
+def test_a_call_that_never_returned_is_skippable_even_on_every_sample_and_names_where_the_function_is():
+    # a reward worker's call that timed out on the whole batch: not evidence of failing on each sample
+    specs = [RewardSpec(constant([]), "slow", source="rewards[0].fn = 'my.py:slow'"), RewardSpec(constant([]), "b")]
+    partial = PartialScores(
+        {"slow": [None] * 3, "b": [1.0, 2.0, 3.0]}, lost=[("slow", i, "timed out") for i in range(3)]
+    )
+    scores = finish_scores(specs, partial, PROMPTS, COMPLETIONS, on_error="skip")
+    assert scores.skipped == [0, 1, 2] and scores.failed == {"slow": 3, "b": 0}
+    assert scores.errors[1] == (
+        "reward function 'slow' failed on sample 1: timed out\n  function: rewards[0].fn = 'my.py:slow'\n"
+        "  prompt: 'p1'\n  completion: 'c1'"
+    )
+    assert reward_metrics(scores)["reward/slow/failed"] == 3.0 and reward_metrics(scores)["reward/b/failed"] == 0.0
+    with pytest.raises(RewardError, match=r"^reward function 'slow' failed on sample 0: timed out\n  function: "):
+        finish_scores(specs, partial, PROMPTS, COMPLETIONS, on_error="raise")
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])

@@ -1,4 +1,4 @@
-"""Reward scoring in Ray actors: same scores as in-process, shards in parallel, per-sample timeouts."""
+"""Reward scoring in Ray actors: same scores as in-process, shards in parallel, a time limit per function call."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from posttrain.rewards.combine import RewardError, score_samples
+from posttrain.rewards.combine import RewardError, RewardSpec, reward_metrics, score_samples
 from posttrain.rewards.loading import build_reward_specs
-from posttrain.rewards.workers import RewardPool, shard_bounds
+from posttrain.rewards.workers import RewardPool, scoring_calls, shard_bounds
 
 USER_REWARDS = """
 import os, time
@@ -34,6 +34,9 @@ def worker_pid(prompts, completions, **kwargs):
 
 def wrong_length(prompts, completions, **kwargs):
     return [1.0]
+
+def length(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
 """
 
 
@@ -85,30 +88,83 @@ def test_shards_run_in_separate_workers(ray_session, rewards_file):
         pool.close()
 
 
-def test_a_hanging_sample_times_out_alone_and_the_rest_are_scored(ray_session, rewards_file):
-    pool, _ = _pool([{"fn": f"{rewards_file}:slow_on_hang"}], ["slow"], timeout=1.0)
+def _bound(timeout: float) -> float:
+    """A hung function may cost about one timeout per step, plus worker restarts: far below one timeout per
+    sample (retrying each sample alone took 47 s on the first batch below, at timeout 2)."""
+    return 4 * timeout + 20
+
+
+def test_a_function_hanging_on_every_sample_fails_within_one_timeout_naming_it(ray_session, rewards_file):
+    entries = [{"fn": f"{rewards_file}:slow_on_hang"}, {"fn": f"{rewards_file}:length"}]
+    pool, _ = _pool(entries, ["slow", "len"], workers=2, timeout=2.0)
     try:
         start = time.monotonic()
-        scores = pool.score(["p"] * 4, ["a", "hang", "b", "c"], {}, on_error="skip")
-        assert time.monotonic() - start < 30
-        assert scores.skipped == [1] and "did not finish within 1 s" in scores.errors[0]
-        assert scores.per_function["slow"] == [1.0, None, 1.0, 1.0]
-        assert math.isnan(scores.total[1]) and scores.total[0] == 1.0
-        with pytest.raises(RewardError, match="sample 1: scoring did not finish within 1 s"):
-            pool.score(["p"] * 2, ["a", "hang"], {}, on_error="raise")
-        assert pool.restarts >= 2
-        assert pool.score(["p"], ["fine"], {}).total == [1.0]  # the pool still works
+        with pytest.raises(RewardError) as raised:
+            pool.score([f"q{k}" for k in range(8)], ["hang"] * 8, {}, on_error="raise")
+        assert time.monotonic() - start < _bound(2.0)
+        message = str(raised.value)
+        assert message.startswith(
+            "reward function 'slow' failed on sample 0: did not finish within 2 s (scoring.timeout) on samples 0-3"
+        )
+        assert f"rewards[0].fn = '{rewards_file}:slow_on_hang'" in message and "prompt: 'q0'" in message
+        assert pool.restarts == 2  # both shards' workers, once each
+        assert pool.score(["p"] * 2, ["a", "bb"], {}).total == [2.0, 3.0]  # the replaced workers score
     finally:
         pool.close()
 
 
-def test_a_sample_that_kills_its_worker_is_pinned_and_the_pool_recovers(ray_session, rewards_file):
-    pool, _ = _pool([{"fn": f"{rewards_file}:crash_on_boom"}], ["crash"], timeout=20.0)
+def test_with_skip_a_hang_drops_its_shard_and_the_other_functions_scores_stand(ray_session, rewards_file):
+    # `len` runs before the hang on the stuck worker, `pid` after it (on the replacement)
+    entries = [{"fn": f"{rewards_file}:{fn}"} for fn in ("length", "slow_on_hang", "worker_pid")]
+    pool, _ = _pool(entries, ["len", "slow", "pid"], workers=2, timeout=2.0)
+    completions = ["a", "hang", "b", "c", "dd", "eee", "f", "gg"]
     try:
-        scores = pool.score(["p"] * 3, ["a", "boom", "b"], {}, on_error="skip")
-        assert scores.skipped == [1] and scores.per_function["crash"] == [0.5, None, 0.5]
+        start = time.monotonic()
+        scores = pool.score(["p"] * 8, completions, {}, on_error="skip", group_size=4)
+        assert time.monotonic() - start < _bound(2.0)
+        assert scores.skipped == [0, 1, 2, 3] and scores.failed == {"len": 0, "slow": 4, "pid": 0}
+        assert "'slow' failed on sample 0: did not finish within 2 s" in scores.errors[0]
+        assert scores.per_function["len"] == [None] * 4 + [2.0, 3.0, 1.0, 2.0]
+        assert scores.per_function["slow"] == [None] * 4 + [1.0] * 4
+        pids = scores.per_function["pid"]
+        assert pids[:4] == [None] * 4 and len(set(pids[4:])) == 1
+        assert all(math.isnan(t) for t in scores.total[:4])
+        assert scores.total[4:] == [3.0 + pids[4], 4.0 + pids[4], 2.0 + pids[4], 3.0 + pids[4]]
+        assert reward_metrics(scores)["reward/slow/failed"] == 4.0
+        assert pool.restarts == 1
     finally:
         pool.close()
+
+
+def test_a_function_that_kills_its_worker_is_named_and_the_pool_recovers(ray_session, rewards_file):
+    entries = [{"fn": f"{rewards_file}:crash_on_boom"}, {"fn": f"{rewards_file}:length"}]
+    pool, _ = _pool(entries, ["crash", "len"], workers=2, timeout=30.0)
+    completions = ["a", "b", "c", "d", "e", "boom", "g", "h"]
+    try:
+        with pytest.raises(RewardError) as raised:
+            pool.score([f"q{k}" for k in range(8)], completions, {}, on_error="raise")
+        message = str(raised.value)
+        assert message.startswith("reward function 'crash' failed on sample 4: its reward worker process died")
+        assert "on samples 4-7" in message and f"rewards[0].fn = '{rewards_file}:crash_on_boom'" in message
+        scores = pool.score(["p"] * 8, completions, {}, on_error="skip")
+        assert scores.skipped == [4, 5, 6, 7] and scores.failed == {"crash": 4, "len": 0}
+        assert scores.per_function["len"] == [1.0] * 4 + [None] * 4
+        assert scores.total[:4] == [1.5] * 4 and all(math.isnan(t) for t in scores.total[4:])
+        assert pool.restarts == 2
+        assert pool.score(["p"], ["fine"], {}).total == [4.5]
+    finally:
+        pool.close()
+
+
+def test_async_functions_share_one_call_and_plain_ones_get_their_own():
+    async def judge(**kwargs):
+        return [1.0]
+
+    def plain(**kwargs):
+        return [1.0]
+
+    specs = [RewardSpec(judge, "a"), RewardSpec(plain, "b"), RewardSpec(judge, "c")]
+    assert scoring_calls(specs) == [[1], [0, 2]]
 
 
 def test_a_function_bug_raises_a_reward_error_naming_it(ray_session, rewards_file):
