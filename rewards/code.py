@@ -32,7 +32,7 @@ def _column(value: Any, n: int, name: str) -> list:
 
 
 def _score(
-    program: str | None, test: str | None, entry: str | None, cases: Any, timeout: float, partial: bool
+    program: str | None, test: str | None, entry: str | None, cases: Any, timeout: float, partial: bool, unsafe: bool
 ) -> float | None:
     has_io = cases is not None and len(cases) > 0
     if not test and not has_io:
@@ -42,7 +42,7 @@ def _score(
     parts: list[tuple[float, int]] = []  # (pass fraction, number of tests) of the assert and io parts
     if test:
         try:
-            result = run_assert_tests(program, test, entry or "", timeout)
+            result = run_assert_tests(program, test, entry or "", timeout, unsafe)
         except ValueError:  # the sample's test code does not parse: no usable tests
             return None
         if not partial and not result.passed:
@@ -52,7 +52,7 @@ def _score(
         pairs = [
             (str(c[0]), str(c[1])) if not isinstance(c, dict) else (str(c["input"]), str(c["output"])) for c in cases
         ]
-        result = run_io_tests(program, pairs, timeout)
+        result = run_io_tests(program, pairs, timeout, unsafe)
         if not partial and not result.passed:
             return 0.0
         parts.append((result.pass_fraction, len(pairs)))
@@ -69,11 +69,15 @@ def code_tests(
     io_cases: list | None = None,
     *,
     partial: bool = False,
+    allow_unsandboxed: bool = False,
     **kwargs: Any,
 ) -> list[float | None]:
     """1.0 when the completion's last ```python block passes all of its sample's tests, else 0.0 (all-or-nothing);
     with `partial=True` (recipe: `args: {partial: true}`) the fraction of tests passed instead. None for a sample
     with no tests.
+
+    Programs run in bubblewrap; where it is missing or cannot work, scoring raises `SandboxUnavailable` unless
+    `allow_unsandboxed=True` (recipe: `args: {allow_unsandboxed: true}`) accepts running them without isolation.
 
     Dataset columns: `tests` (assert-style test code: a `check(candidate)` called with `entry_point`, or bare
     asserts) and/or `io_cases` (a list of (stdin, expected stdout) pairs, or {"input", "output"} dicts).
@@ -90,6 +94,7 @@ def code_tests(
     timeout = float(kwargs.get("code_timeout") or DEFAULT_TIMEOUT)
     with ThreadPoolExecutor(max_workers=MAX_WORKERS) as pool:
         futures = [
-            pool.submit(_score, programs[i], tests_col[i], entry_col[i], io_col[i], timeout, partial) for i in range(n)
+            pool.submit(_score, programs[i], tests_col[i], entry_col[i], io_col[i], timeout, partial, allow_unsandboxed)
+            for i in range(n)
         ]
         return [f.result() for f in futures]

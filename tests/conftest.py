@@ -12,3 +12,18 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bwrap: runs untrusted code, so needs bubblewrap; skipped where it cannot run")
+
+
+def pytest_runtest_setup(item):
+    """A `bwrap` test skips, saying why and how to install bubblewrap, where the code sandbox cannot run (running
+    untrusted code without it is refused unless a caller opts in)."""
+    if item.get_closest_marker("bwrap") is not None:
+        from posttrain.verifiers import sandbox
+
+        problem = sandbox.bwrap_problem()
+        if problem is not None:
+            pytest.skip(f"{problem}; {sandbox.INSTALL_HINT}")

