@@ -17,6 +17,7 @@ def _is_heavy(item: pytest.Item) -> bool:
     return any(mark.name == "heavy" for mark in item.iter_markers())
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items):
     for item in items:
         marks = {mark.name for mark in item.iter_markers()}
