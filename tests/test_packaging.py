@@ -5,9 +5,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy  # builds a wheel with pip
 def test_wheel_has_only_the_posttrain_package(tmp_path):
     # --no-build-isolation: setuptools is already in the venv, and CI machines need not download it again
     subprocess.run(

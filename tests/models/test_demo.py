@@ -10,6 +10,7 @@ from posttrain.models.demo import demo_model_path
 from posttrain.models.loading import format_prompt, resolve_model_path
 
 
+@pytest.mark.heavy  # the SmolLM2 demo model
 def test_demo_model_loads_and_answers():
     pytest.importorskip("gguf")
     path = demo_model_path()

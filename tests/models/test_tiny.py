@@ -105,6 +105,7 @@ def test_tiny_model_path_caches_per_kwargs_and_survives_a_race(tmp_path, monkeyp
     assert tiny_model_path(hidden_size=32, num_layers=1, num_heads=2, seed=6) != results[0]
 
 
+@pytest.mark.heavy  # the SmolLM2 demo model's tokenizer
 def test_a_tiny_model_can_take_a_real_models_tokenizer(tmp_path):
     pytest.importorskip("gguf")  # the demo model (SmolLM2) is converted from its GGUF file
     from posttrain.learner.teacher import check_same_tokenizer

@@ -130,6 +130,7 @@ EXPECTED_METRICS = {
 }
 
 
+@pytest.mark.heavy  # `posttrain train` subprocesses
 @pytest.mark.parametrize("method", ["sft", "dpo", "orpo", "reward_model"])
 def test_shipped_recipe_runs_from_the_cli_and_leaves_a_loadable_final_model(tmp_path, tiny_path, method):
     proc = _posttrain(

@@ -109,6 +109,7 @@ def _run_cli(args, **kwargs):
     )
 
 
+@pytest.mark.heavy  # two `posttrain train` subprocesses
 def test_sigkill_mid_run_then_resume_repeats_and_skips_nothing(tmp_path):
     recipe = tiny_recipe(tmp_path, train={"steps": 6}, checkpoint={"every_steps": 2})
     path = tmp_path / "tiny.yaml"

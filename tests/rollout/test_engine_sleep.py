@@ -73,6 +73,7 @@ def test_hf_engine_asleep_refuses_generate_takes_weights_and_wakes_with_them(pat
     assert engine.generate(texts, GREEDY) == expected
 
 
+@pytest.mark.heavy  # starts vLLM
 def test_vllm_engine_sleep_wake_and_level_2_refill_on_cpu(path, new_weights):
     engine = VLLMEngine(path, max_batch_size=8, num_threads=1, kv_cache_gb=0.25, device="cpu")
     texts = [format_prompt(engine.tokenizer, q) for q in QUESTIONS]

@@ -19,6 +19,8 @@ from posttrain.rollout.hf_engine import HFEngine
 from posttrain.rollout.types import SamplingParams
 from posttrain.rollout.vllm_engine import VLLMEngine
 
+pytestmark = pytest.mark.heavy  # every test here shares one vLLM engine
+
 LOGPROB_ATOL = 1e-4  # fp32 on both sides; measured differences are ~1e-6
 
 
