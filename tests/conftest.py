@@ -32,7 +32,16 @@ def _ray_and_vllm_state() -> tuple[bool, bool]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
+    """Note whether Ray/vLLM were already up (see the teardown check). A `bwrap` test skips, saying why and how to
+    install bubblewrap, where the code sandbox cannot run (running untrusted code without it is refused unless a
+    caller opts in)."""
     item.stash[_STARTED] = _ray_and_vllm_state()
+    if item.get_closest_marker("bwrap") is not None:
+        from posttrain.verifiers import sandbox
+
+        problem = sandbox.bwrap_problem()
+        if problem is not None:
+            pytest.skip(f"{problem}; {sandbox.INSTALL_HINT}")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -64,14 +73,3 @@ def ray_session():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "bwrap: runs untrusted code, so needs bubblewrap; skipped where it cannot run")
-
-
-def pytest_runtest_setup(item):
-    """A `bwrap` test skips, saying why and how to install bubblewrap, where the code sandbox cannot run (running
-    untrusted code without it is refused unless a caller opts in)."""
-    if item.get_closest_marker("bwrap") is not None:
-        from posttrain.verifiers import sandbox
-
-        problem = sandbox.bwrap_problem()
-        if problem is not None:
-            pytest.skip(f"{problem}; {sandbox.INSTALL_HINT}")
