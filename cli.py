@@ -1,4 +1,5 @@
-"""`posttrain train RECIPE.yaml key=value ...` and `posttrain eval RECIPE.yaml [--model PATH] key=value ...`."""
+"""`posttrain train RECIPE.yaml key=value ...`, `posttrain eval RECIPE.yaml [--model PATH] key=value ...` and
+`posttrain config --explain KEY`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from posttrain.config import OFFLINE_ALGORITHMS, TRACE_ALGORITHMS, ConfigError, RecipeConfig, load_config
+from posttrain.config import ConfigError, RecipeConfig, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
@@ -25,12 +26,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    if cfg.algorithm.name in OFFLINE_ALGORITHMS:  # a dataset in, no rollouts: runs here, without Ray
+    if cfg.algorithm.spec.family == "offline":  # a dataset in, no rollouts: runs here, without Ray
         from posttrain.offline.trainer import run_offline
 
         run_offline(cfg)
         return 0
-    if cfg.algorithm.name in TRACE_ALGORITHMS:  # generate -> verify -> keep, then SFT the student
+    if cfg.algorithm.spec.family == "traces":  # generate -> verify -> keep, then SFT the student
         from posttrain.distill.pipeline import run_distill
 
         run_distill(cfg)
@@ -43,11 +44,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    if cfg.algorithm.name not in TRACE_ALGORITHMS:
+    if cfg.algorithm.spec.family != "traces":
         raise ConfigError(
             f"{args.recipe}: `posttrain distill` runs algorithm.name distill or rft_offline, got {cfg.algorithm.name}"
         )
     return cmd_train(args)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from posttrain.config_explain import explain
+
+    print(explain(args.explain))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -114,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("recipe", help="a recipe with algorithm.name distill or rft_offline")
     distill.add_argument("overrides", nargs="*", help="key=value overrides, e.g. traces.samples_per_prompt=8")
     distill.set_defaults(func=cmd_distill)
+    config = sub.add_parser("config", help="explain the recipe schema")
+    config.add_argument(
+        "--explain", required=True, metavar="KEY", help="a key or section, e.g. algorithm.kl_coef, ppo, algorithm.name"
+    )
+    config.set_defaults(func=cmd_config)
     ev = sub.add_parser("eval", help="evaluate a model on a recipe's eval set with its rewards")
     ev.add_argument("recipe", help="the recipe whose eval data, rewards and model to use")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.n=8 eval.temperature=1.0")

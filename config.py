@@ -14,13 +14,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from posttrain.algorithms.registry import ALGORITHMS, AlgorithmSpec, names_of, readers, reads
 from posttrain.models.locations import ModelNotFoundError, check_model_path
 
-OFFLINE_ALGORITHMS = ("sft", "dpo", "orpo", "reward_model")
-"""algorithms that train on a dataset in the CLI process (no rollouts, no Ray)"""
-ONLINE_ALGORITHMS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "opd", "ppo")
+OFFLINE_ALGORITHMS = names_of("offline")
+"""algorithms that train on a dataset in the CLI process (no rollouts, no Ray); the built-in ones (code looks at
+`AlgorithmSpec.family`, which also covers names registered later)"""
+ONLINE_ALGORITHMS = names_of("online")
 """algorithms that generate, score and learn every step (`online/trainer.py`'s trainer, through Ray)"""
-TRACE_ALGORITHMS = ("distill", "rft_offline")
+TRACE_ALGORITHMS = names_of("traces")
 """generate -> verify -> keep a dataset once, then SFT on it (`distill/`): a teacher's traces, or the model's own"""
 
 
@@ -29,7 +31,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 def _model_location(key: str):
@@ -190,24 +192,11 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    name: Literal[
-        "grpo",
-        "rloo",
-        "reinforce_pp",
-        "reinforce_pp_baseline",
-        "rft",
-        "opd",
-        "ppo",
-        "sft",
-        "dpo",
-        "orpo",
-        "reward_model",
-        "distill",
-        "rft_offline",
-    ] = "grpo"
-    """the algorithm: online (grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft, opd = on-policy distillation, ppo =
-    PPO with a critic; see ONLINE_ALGORITHMS) or offline on a dataset (sft, dpo, orpo, reward_model; see
-    OFFLINE_ALGORITHMS)"""
+    name: str = "grpo"
+    """the algorithm, one of `algorithms.registry.ALGORITHMS` (`posttrain config --explain algorithm.name` lists
+    them): online (grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft, opd = on-policy distillation, ppo = PPO with
+    a critic), offline on a dataset (sft, dpo, orpo, reward_model) or traces then SFT (distill, rft_offline); see
+    docs/algorithms.md"""
     prompts_per_step: int = Field(8, ge=1)
     """distinct prompts per optimizer step"""
     samples_per_prompt: int = Field(4, ge=1)
@@ -227,9 +216,9 @@ class AlgorithmConfig(_Section):
     kl_in: Literal["loss", "reward"] = "loss"
     """where the KL goes: added to the loss (GRPO; with gradient) or subtracted from the reward (RLOO, REINFORCE++)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """per-token KL estimator (Schulman; ALGORITHMS.md): k1 = lp - lp_ref, k2, k3 (>= 0, low variance)"""
+    """per-token KL estimator (Schulman; docs/algorithms.md#kl): k1 = lp - lp_ref, k2, k3 (>= 0, low variance)"""
     loss_reduction: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """how per-token losses are reduced (see ALGORITHMS.md)"""
+    """how per-token losses are reduced (see docs/algorithms.md#loss-reduction)"""
     on_reward_error: Literal["raise", "skip"] = "raise"
     """a reward function that fails on a sample stops the run, or drops that sample from the step"""
     dynamic_sampling: bool = False
@@ -248,31 +237,40 @@ class AlgorithmConfig(_Section):
     """truncated importance sampling: weight each token's policy term by min(exp(lp_old - lp_sampler), tis_cap),
     correcting for the engine's numbers and, in rollout.async_mode, the one-step-old sampler (e.g. 2.0; none = off)"""
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in ALGORITHMS:  # checked here, not by a Literal, so that names registered later are accepted
+            raise ValueError(f"`algorithm.name`: unknown algorithm {name!r}; allowed: {', '.join(ALGORITHMS)}")
+        return name
+
+    @property
+    def spec(self) -> AlgorithmSpec:
+        """The chosen algorithm's registry entry."""
+        return ALGORITHMS[self.name]
+
     @model_validator(mode="after")
     def _check_online(self) -> AlgorithmConfig:
-        if self.name not in ONLINE_ALGORITHMS:
+        spec = self.spec
+        if spec.family != "online":
             return self
-        group = self.samples_per_prompt
-        if self.name == "grpo" and group < 2 and self.advantage_std != "batch":
+        group, needed = self.samples_per_prompt, spec.min_group_size
+        std_read = reads(spec, "algorithm.advantage_std")
+        if group < needed and not (std_read and self.advantage_std == "batch"):
+            if std_read:  # group-relative: the batch std works with any group size
+                raise ValueError(
+                    f"algorithm.samples_per_prompt: group-relative advantages need >= {needed} samples per prompt "
+                    f"(got {group} with {self.name}); raise it or set algorithm.advantage_std=batch"
+                )
             raise ValueError(
-                "algorithm.samples_per_prompt: group-relative advantages need >= 2 samples per prompt "
-                f"(got {group}); raise it or set algorithm.advantage_std=batch"
+                f"algorithm.samples_per_prompt: {self.name} needs >= {needed} samples per prompt (got {group})"
             )
-        if self.name in ("rloo", "reinforce_pp_baseline") and group < 2:
-            raise ValueError(f"algorithm.samples_per_prompt: {self.name} needs >= 2 samples per prompt (got {group})")
-        if self.dynamic_sampling and (group < 2 or self.name == "rft"):
+        if self.dynamic_sampling and group < 2:
             raise ValueError(
-                "algorithm.dynamic_sampling: needs >= 2 samples per prompt and a policy-gradient algorithm "
-                f"(got {group} with {self.name}; rft learns from groups that all pass too)"
+                f"algorithm.dynamic_sampling: needs >= 2 samples per prompt (got {group} with {self.name})"
             )
-        if self.advantage_std != "group" and self.name not in ("grpo", "opd"):
-            raise ValueError(
-                f"algorithm.advantage_std: only grpo and opd divide by a std (got {self.name}); leave it unset"
-            )
-        if self.name == "rft" and self.tis_cap is not None:
-            raise ValueError("algorithm.tis_cap: rft takes an SFT step (no importance ratio); leave it unset")
-        if self.name == "rft" and self.kl_in == "reward":
-            raise ValueError("algorithm.kl_in: rft has no reward in its loss; allowed: loss")
+        if spec.learner_loss == "sft" and self.kl_in == "reward":
+            raise ValueError(f"algorithm.kl_in: {self.name} has no reward in its loss; allowed: loss")
         if self.rft_keep == "all" and self.rft_min_reward is None:
             raise ValueError("algorithm.rft_min_reward: rft_keep=all needs a threshold (none would keep every sample)")
         return self
@@ -307,7 +305,7 @@ class PreferenceConfig(_Section):
     beta: float = Field(0.1, gt=0)
     """DPO's beta (IPO's tau): strength of the pull towards the reference"""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    """DPO variant (ALGORITHMS.md): sigmoid = DPO, ipo, hinge (SLiC), robust (label noise `label_smoothing`)"""
+    """DPO variant (docs/algorithms.md#dpo): sigmoid = DPO, ipo, hinge (SLiC), robust (label noise `label_smoothing`)"""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """robust DPO's assumed label-flip rate eps (loss_type=robust only)"""
     precompute_reference: bool = False
@@ -484,6 +482,15 @@ class RecipeConfig(_Section):
     """a run folder to continue from its last checkpoint"""
 
     @model_validator(mode="after")
+    def _check_reads(self) -> RecipeConfig:
+        """The one schema rule: a key the chosen algorithm does not read (its `AlgorithmSpec.reads`) is an error."""
+        spec = self.algorithm.spec
+        problems = unread_messages(spec, unread_keys(self, spec))
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _check_combinations(self) -> RecipeConfig:
         algo = self.algorithm
         if algo.eps_high < algo.eps_low:
@@ -514,30 +521,30 @@ class RecipeConfig(_Section):
                 "rollout.lora_sync: `adapter` would apply the adapter to the engines' full-precision base, not to the "
                 "4-bit base the learner trains on (model.quantize); allowed with quantize: merged"
             )
-        if name not in OFFLINE_ALGORITHMS:
-            if not self.rewards and not (name == "opd" and self.opd.reward_coef == 0):
+        spec = self.algorithm.spec
+        if spec.family != "offline":  # opd without reward_coef learns from its teacher alone
+            if not self.rewards and not (reads(spec, "opd.reward_coef") and self.opd.reward_coef == 0):
                 raise ValueError(f"rewards: algorithm.name={name} needs at least one reward function")
             return self
         if self.data.kind not in ("file", "hub"):
             raise ValueError(f"data.kind: {name} trains on a dataset; allowed: file, hub (got {self.data.kind})")
-        if self.eval.data is not None:
-            raise ValueError(f"eval.data: held-out evaluation is not available for {name} yet; remove it")
         pref = self.preference
-        if pref.label_smoothing > 0 and not (name == "dpo" and pref.loss_type == "robust"):
+        if pref.label_smoothing > 0 and pref.loss_type != "robust":  # another algorithm setting it: `_check_reads`
             raise ValueError("preference.label_smoothing: only used by algorithm.name=dpo with loss_type=robust")
-        if pref.precompute_reference and name != "dpo":
-            raise ValueError(f"preference.precompute_reference: only dpo has a reference model (got {name})")
-        if self.sft.packing and name != "sft":
-            raise ValueError(f"sft.packing: only algorithm.name=sft packs sequences (got {name})")
         return self
 
     @model_validator(mode="after")
     def _check_traces(self) -> RecipeConfig:
-        name, traces = self.algorithm.name, self.traces
-        if name == "distill" and traces.teacher is None:
-            raise ValueError("traces.teacher: algorithm.name=distill needs the teacher model (a folder or hub id)")
-        if name == "rft_offline" and traces.teacher is not None:
-            raise ValueError("traces.teacher: rft_offline samples the model itself; use algorithm.name=distill")
+        name, spec, traces = self.algorithm.name, self.algorithm.spec, self.traces
+        if spec.family != "traces":
+            return self
+        if spec.needs_teacher and traces.teacher is None:
+            raise ValueError(f"traces.teacher: algorithm.name={name} needs the teacher model (a folder or hub id)")
+        if not spec.needs_teacher and traces.teacher is not None:
+            with_teacher = [n for n in names_of("traces") if ALGORITHMS[n].needs_teacher]
+            raise ValueError(
+                f"traces.teacher: {name} samples the model itself; use algorithm.name={' or '.join(with_teacher)}"
+            )
         if traces.keep == "all" and traces.min_reward is None:
             raise ValueError("traces.min_reward: keep=all needs a threshold (none would keep every trace)")
         return self
@@ -545,21 +552,19 @@ class RecipeConfig(_Section):
     @model_validator(mode="after")
     def _check_opd(self) -> RecipeConfig:
         algo, opd = self.algorithm, self.opd
-        if algo.name != "opd":
-            if opd.model_fields_set:
-                raise ValueError(f"opd: only algorithm.name=opd uses this section (got {algo.name}); remove it")
+        if not reads(algo.spec, "opd"):  # a recipe that sets it anyway: `_check_reads`
             return self
         if opd.teacher is None:
-            raise ValueError("opd.teacher: algorithm.name=opd needs the teacher model (a folder, hub id or alias)")
-        if "beta" in opd.model_fields_set and opd.loss != "jsd":
+            raise ValueError(
+                f"opd.teacher: algorithm.name={algo.name} needs the teacher model (a folder, hub id or alias)"
+            )
+        if opd.loss != "jsd" and opd.beta != OPDConfig.model_fields["beta"].default:  # a dumped default: unread
             raise ValueError("opd.beta: only opd.loss=jsd uses it (reverse_kl is the beta=1 case, sampled)")
         if opd.reward_coef > 0 and algo.samples_per_prompt < 2 and algo.advantage_std != "batch":
             raise ValueError(
                 "algorithm.samples_per_prompt: opd.reward_coef > 0 uses group-relative advantages, which need >= 2 "
                 f"samples per prompt (got {algo.samples_per_prompt}); raise it or set algorithm.advantage_std=batch"
             )
-        if algo.dynamic_sampling:
-            raise ValueError("algorithm.dynamic_sampling: opd learns from every sample (the teacher grades each token)")
         if algo.kl_in == "reward" and algo.kl_coef > 0:
             raise ValueError("algorithm.kl_in: opd puts its own per-token signal in the advantage; allowed: loss")
         return self
@@ -591,10 +596,6 @@ class RecipeConfig(_Section):
     @model_validator(mode="after")
     def _check_placement(self) -> RecipeConfig:
         p = self.placement
-        if p.model_fields_set and self.algorithm.name not in ONLINE_ALGORITHMS:
-            raise ValueError(
-                f"placement: only online algorithms place Ray actors (got {self.algorithm.name}); remove it"
-            )
         if p.rollout_gpus > 1 and p.rollout_gpus != int(p.rollout_gpus):
             raise ValueError(f"placement.rollout_gpus: above 1 it must be a whole number (got {p.rollout_gpus:g})")
         if p.colocate and not (p.learner_cpus or p.learner_gpus or p.rollout_cpus or p.rollout_gpus):
@@ -620,23 +621,67 @@ class RecipeConfig(_Section):
                 )
         return self
 
-    @model_validator(mode="after")
-    def _check_ppo(self) -> RecipeConfig:
-        algo = self.algorithm
-        if algo.name != "ppo":
-            if self.ppo.model_fields_set:
-                raise ValueError(f"ppo: only algorithm.name=ppo uses this section (got {algo.name}); remove it")
-            return self
-        if algo.dynamic_sampling:
-            raise ValueError(
-                "algorithm.dynamic_sampling: ppo learns from every sample (its critic's baseline needs no group "
-                "variance); remove it"
-            )
-        return self
-
     def reward_names(self) -> list[str]:
         """Log name of each reward, in order."""
         return [r.name or r.fn.rsplit(":", 1)[-1] for r in self.rewards]
+
+
+# ----------------------------------------------------------------------------------------- what is read
+
+
+def unread_keys(model: BaseModel, spec: AlgorithmSpec, prefix: str = "") -> list[str]:
+    """The dotted keys that the recipe sets (`model_fields_set`, recursively) and `spec` does not read."""
+    unread = []
+    for key in sorted(model.model_fields_set, key=list(type(model).model_fields).index):
+        path, value = prefix + key, getattr(model, key)
+        if reads(spec, path):
+            continue
+        if isinstance(value, _Section) and not prefix:  # specs name sections and their keys, nothing deeper
+            unread += unread_keys(value, spec, path + ".")  # an empty `section: {}` sets nothing
+        else:
+            unread.append(path)
+    return unread
+
+
+def unread_messages(spec: AlgorithmSpec, keys: list[str]) -> list[str]:
+    """One line per unread key, naming it, the algorithm and who reads it; a section none of whose keys the algorithm
+    reads is named once, with the keys it sets."""
+    sections: dict[str, list[str]] = {}
+    for key in keys:
+        top = key.split(".")[0]
+        whole = "." in key and not any(r.startswith(top + ".") for r in spec.reads)
+        sections.setdefault(top if whole else key, []).append(key)
+    return [_unread_message(spec, name, inside) for name, inside in sections.items()]
+
+
+def _unread_message(spec: AlgorithmSpec, key: str, inside: list[str]) -> str:
+    parts = key.split(".")
+    note = next((spec.notes[p] for i in range(len(parts), 0, -1) if (p := ".".join(parts[:i])) in spec.notes), None)
+    if note is not None:
+        return f"{', '.join(inside)}: {note}; remove it"
+    by = [name for name in ALGORITHMS if any(name in readers(k) for k in inside)]
+    if not by:
+        return f"{key}: no algorithm reads it (got {spec.name}); remove it"
+    if inside != [key]:
+        sets, users = ", ".join(inside), " or ".join(by)
+        return f"{key}: only algorithm.name={users} uses this section (got {spec.name}; it sets {sets}); remove it"
+    return f"{key}: only {', '.join(by)} {'reads' if len(by) == 1 else 'read'} this key (got {spec.name}); remove it"
+
+
+def read_tree(cfg: RecipeConfig) -> dict[str, Any]:
+    """`cfg` as plain data, holding only what its algorithm reads (what a run's `config.yaml` records)."""
+    spec = cfg.algorithm.spec
+
+    def keep(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+        kept = {}
+        for key, value in tree.items():
+            if reads(spec, prefix + key):
+                kept[key] = value
+            elif isinstance(value, dict) and (inner := keep(value, f"{prefix}{key}.")):
+                kept[key] = inner
+        return kept
+
+    return keep(cfg.model_dump(mode="json"), "")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -787,17 +832,22 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_resumable(saved_yaml: str, cfg: RecipeConfig, run_dir: str) -> None:
-    """Refuse to resume `run_dir` with a recipe that changes anything but `RESUMABLE_CHANGES` (names the keys)."""
-    saved_tree = yaml.safe_load(saved_yaml) or {}
-    saved = _flatten(saved_tree)
-    current = _flatten(cfg.model_dump(mode="json"))
-    for name, field in RecipeConfig.model_fields.items():  # a section added to the schema after the run was made
-        section = getattr(cfg, name)
-        if name not in saved_tree and isinstance(section, _Section) and section == field.default:
-            saved.update(_flatten({name: section.model_dump(mode="json")}))  # still at its defaults: no change
-        elif isinstance(field.default, _Section):  # keys added to a section after the run was made, at their defaults
-            defaults = _flatten({name: field.default.model_dump(mode="json")})
-            saved.update({k: v for k, v in defaults.items() if k not in saved and current.get(k) == v})
+    """Refuse to resume `run_dir` with a recipe that changes anything but `RESUMABLE_CHANGES` (names the keys).
+
+    Only what the algorithm reads is compared: a `config.yaml` written when every section was dumped (their values
+    unread) still resumes, and so does one written before a key was added to the schema, if the key is at its default.
+    """
+    spec = cfg.algorithm.spec
+    saved = {k: v for k, v in _flatten(yaml.safe_load(saved_yaml) or {}).items() if reads(spec, k)}
+    current = _flatten(read_tree(cfg))
+    defaults = {}
+    for name, field in RecipeConfig.model_fields.items():
+        if isinstance(field.default, _Section):
+            defaults.update(_flatten({name: field.default.model_dump(mode="json")}))
+    for key in current.keys() - saved.keys():
+        prefix = next((p for p in saved if key.startswith(p + ".")), None)  # e.g. eval.data: None -> a source
+        if prefix is None and key in defaults and current[key] == defaults[key]:  # added later, at its default
+            saved[key] = current[key]
     changed = sorted(
         key
         for key in saved.keys() | current.keys()
@@ -812,5 +862,6 @@ def check_resumable(saved_yaml: str, cfg: RecipeConfig, run_dir: str) -> None:
 
 
 def dump_config(cfg: RecipeConfig) -> str:
-    """The fully resolved recipe as YAML (what `config.yaml` in a run folder holds)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved recipe as YAML, only what its algorithm reads (what `config.yaml` in a run folder holds; it
+    validates as a recipe)."""
+    return yaml.safe_dump(read_tree(cfg), sort_keys=False)

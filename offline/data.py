@@ -228,7 +228,7 @@ def preference_pairs(cfg: RecipeConfig, tok: ChatTokenizer) -> list[PreferencePa
     """Tokenized preference rows (the prompt column, `chosen`, `rejected`, and the optional margin column)."""
     name, rows = read_rows(cfg)
     prompt_column = cfg.data.prompt_column
-    margin_column = cfg.reward_model.margin_column if cfg.algorithm.name == "reward_model" else None
+    margin_column = cfg.reward_model.margin_column if cfg.algorithm.spec.learner_loss == "reward_model" else None
     needed = f"preference rows need `{prompt_column}`, `chosen` and `rejected`"
     out, dropped = [], 0
     for i, row in enumerate(rows):

@@ -77,7 +77,7 @@ CURVES = {
 
 def load_policy(cfg: RecipeConfig, model_path: str, tokenizer):
     """The trainable model: a causal LM (or, for reward_model, a 1-label sequence classifier) with optional LoRA."""
-    if cfg.algorithm.name == "reward_model":
+    if cfg.algorithm.spec.learner_loss == "reward_model":  # a score head, not an LM head
         from transformers import AutoModelForSequenceClassification
 
         torch.manual_seed(cfg.seed)  # the new score head's initialisation
@@ -110,7 +110,7 @@ class OfflineTrainer:
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
-        self.method = cfg.algorithm.name
+        self.method = cfg.algorithm.spec.learner_loss  # the objective: sft, dpo, orpo or reward_model
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
         self.model_path = model_path = resolve_model_path(cfg.model.path, "model.path")
         self.tokenizer = load_tokenizer(model_path, padding_side="right")

@@ -125,7 +125,7 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         max_grad_norm=train.max_grad_norm,
         micro_batch_size=train.micro_batch_size,
         temperature=cfg.rollout.temperature,
-        loss={"rft": "sft", "opd": f"opd_{cfg.opd.loss}"}.get(algo.name, "policy"),
+        loss=f"opd_{cfg.opd.loss}" if algo.spec.learner_loss == "opd" else algo.spec.learner_loss,
         opd_beta=cfg.opd.beta,
         reward_coef=cfg.opd.reward_coef,
         tis_cap=algo.tis_cap,

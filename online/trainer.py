@@ -8,11 +8,11 @@ One trainer runs every online `algorithm.name`:
   - `opd`: on-policy distillation, a teacher actor grades every sampled token (`online/opd.py`, `learner/teacher.py`);
   - `ppo` (1707.06347): a critic actor's values, GAE per token, the policy and the critic trained side by side
     (`online/ppo.py`, `learner/critic.py`).
-Options shared by the policy-gradient ones: DAPO's dynamic sampling (drop zero-variance groups, generate more prompts to
-refill, at most `max_refill_rounds` extra rounds), several updates per rollout batch, and the KL to the reference in the
-loss or in the reward. This module only wires components; the math lives in `algorithms/advantages.py`,
-`algorithms/reinforce_pp.py`, `algorithms/registry.py`, `algorithms/rft.py`, `algorithms/losses/` and
-`algorithms/reduction.py`.
+Options shared by the policy-gradient ones: DAPO's dynamic sampling (drop zero-variance groups, generate more
+prompts to refill, at most `max_refill_rounds` extra rounds), several updates per rollout batch, and the KL to the
+reference in the loss or in the reward. This module only wires components, as the algorithm's registry entry says
+(`algorithms/registry.py`); the math lives in `algorithms/advantages.py`, `algorithms/reinforce_pp.py`,
+`algorithms/rft.py`, `algorithms/losses/` and `algorithms/reduction.py`.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class OnlineTrainer:
         self.specs = components.load_reward_specs(cfg)
         self.train_rows, self.eval_rows = components.load_data(cfg)
         self.model_path = components.model_path_of(cfg)
-        teacher = teacher_path(cfg, self.model_path) if cfg.algorithm.name == "opd" else None  # tokenizers checked
+        self.spec = cfg.algorithm.spec  # the algorithm's registry entry: what this run wires and which batch it builds
+        teacher = teacher_path(cfg, self.model_path) if self.spec.needs_teacher else None  # tokenizers checked
         self.format = components.PromptFormatter(cfg, self.model_path)
         self.accuracy_name = components.accuracy_reward_name(cfg)
         self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg)
@@ -148,7 +149,7 @@ class OnlineTrainer:
         self.pool: RolloutPool = components.start_rollout_pool(cfg, self.model_path, self.placement)
         self.teacher = start_opd_teacher(cfg, teacher) if teacher else None
         self.learner = components.start_learner(cfg, self.model_path, self.teacher, self.placement)
-        self.critic = start_critic(cfg, self.model_path) if cfg.algorithm.name == "ppo" else None
+        self.critic = start_critic(cfg, self.model_path) if self.spec.needs_critic else None
         if resume_ckpt is not None:
             ray.get(self.learner.load_checkpoint.remote(str(resume_ckpt)))
             if self.critic is not None:
@@ -360,9 +361,9 @@ class OnlineTrainer:
         sleep_s = self._sleep_engines()  # rollout.sleep_level: the learner has the GPU to itself until the sync
         staleness = self.policy_version - rollout.metrics["rollout/policy_version"]
         t2 = time.perf_counter()
-        if self.cfg.algorithm.name == "rft":
+        if self.spec.learner_loss == "sft":  # online RFT: an SFT step on the kept samples
             batch, batch_metrics = self.rft_batch(rollout)
-        elif self.cfg.algorithm.name == "opd":
+        elif self.teacher is not None:
             pad_id = self.format.tokenizer.pad_token_id
             batch, batch_metrics = opd_batch(self.cfg, rollout.samples, rollout.totals, pad_id, self.teacher)
         elif self.critic is not None:
@@ -477,7 +478,7 @@ GRPOTrainer = OnlineTrainer
 
 
 def run_online(cfg: RecipeConfig) -> Path:
-    """Train an online recipe (any of `config.ONLINE_ALGORITHMS`) end to end; returns the run folder."""
+    """Train an online recipe (an algorithm of family `online`) end to end; returns the run folder."""
     return OnlineTrainer(cfg).run()
 
 

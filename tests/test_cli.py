@@ -76,3 +76,21 @@ def test_a_reward_that_raises_stops_the_run_naming_function_and_sample(tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "picky" in proc.stderr and "ZeroDivisionError" in proc.stderr and "sample" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_config_explain_prints_a_key_and_a_section(capsys):
+    from posttrain.cli import main
+
+    assert main(["config", "--explain", "algorithm.kl_coef"]) == 0
+    out = capsys.readouterr().out
+    assert "weight of the KL to the reference" in out and "default: 0.0" in out
+    assert "read by: grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft, opd, ppo" in out
+    assert main(["config", "--explain", "algorithm.kl_estimator"]) == 0
+    assert "allowed: k1, k2, k3" in capsys.readouterr().out
+    assert main(["config", "--explain", "ppo"]) == 0
+    out = capsys.readouterr().out
+    assert "read by: ppo" in out and "lam: GAE lambda" in out and "whiten_advantages:" in out
+    assert main(["config", "--explain", "algorithm.name"]) == 0
+    assert "rft_offline (traces):" in capsys.readouterr().out
+    assert main(["config", "--explain", "ppo.lamda"]) == 2
+    assert "unknown key `ppo.lamda`" in capsys.readouterr().err and "lam" in capsys.readouterr().err + "lam"

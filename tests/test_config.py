@@ -130,3 +130,65 @@ def test_resume_refuses_a_changed_experiment_but_allows_more_steps():
     with pytest.raises(ConfigError) as info:
         check_resumable(saved, validate_config({**BASE, "algorithm": {"prompts_per_step": 16}}), "runs/x")
     assert "algorithm.prompts_per_step" in str(info.value) and "8 -> 16" in str(info.value)
+
+
+# ------------------------------------------------------------------------------- one schema for every algorithm
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"preference": {"beta": 0.2}}, "preference: only algorithm.name=dpo uses this section (got grpo; it sets"),
+        ({"train": {"batch_size": 4}}, "train.batch_size: only sft, dpo, orpo, reward_model, distill, rft_offline"),
+        ({"traces": {"keep": "all"}}, "traces: only algorithm.name=distill or rft_offline uses this section"),
+        ({"placement": {"learners": 2}, "algorithm": {"name": "sft"}, "data": {"kind": "file", "path": "x"}},
+         "placement: only algorithm.name=grpo or rloo"),
+        ({"algorithm": {"name": "dpo", "samples_per_prompt": 2}, "data": {"kind": "file", "path": "x"}},
+         "algorithm.samples_per_prompt: only grpo, rloo, reinforce_pp, reinforce_pp_baseline, rft, opd, ppo read this"),
+    ],
+)  # fmt: skip
+def test_a_key_the_algorithm_does_not_read_is_an_error_naming_it(raw, fragment):
+    message = _error({**BASE, **raw})
+    assert fragment in message and message.endswith("remove it")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_recipe_round_trips_through_its_run_folder_config(recipe, tmp_path):
+    from posttrain.config import dump_config
+
+    cfg = load_config(ROOT / "recipes" / recipe)
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "config.yaml") == cfg  # `posttrain train runs/<name>/config.yaml` validates
+    import yaml
+
+    sections = yaml.safe_load(dump_config(cfg))
+    assert ("preference" in sections) == (cfg.algorithm.name in ("dpo", "orpo"))
+    assert ("ppo" in sections, "placement" in sections) == (
+        cfg.algorithm.name == "ppo",
+        cfg.algorithm.spec.family == "online",
+    )
+
+
+def test_resume_accepts_a_config_yaml_that_recorded_every_section():
+    import yaml
+
+    from posttrain.config import check_resumable
+
+    for raw in (BASE, {**BASE, "algorithm": {"name": "ppo"}, "ppo": {"lam": 0.9}}):
+        cfg = validate_config(raw)
+        old = yaml.safe_dump(cfg.model_dump(mode="json"))  # what config.yaml held before the dump kept only reads
+        check_resumable(old, cfg, "runs/old")
+    changed = yaml.safe_load(old)
+    changed["ppo"]["lam"] = 0.5
+    with pytest.raises(ConfigError, match=r"ppo.lam: 0.5 -> 0.9"):
+        check_resumable(yaml.safe_dump(changed), cfg, "runs/old")
+    changed = yaml.safe_load(old)
+    changed["preference"]["beta"] = 0.5  # a key ppo does not read: not a change of the experiment
+    check_resumable(yaml.safe_dump(changed), cfg, "runs/old")
+
+
+def test_field_docstrings_are_the_schema_descriptions():
+    from posttrain.config import AlgorithmConfig, PPOConfig
+
+    assert AlgorithmConfig.model_fields["kl_coef"].description.startswith("weight of the KL to the reference")
+    assert PPOConfig.model_fields["lam"].description.startswith("GAE lambda")
