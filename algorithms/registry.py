@@ -211,7 +211,7 @@ register(
     AlgorithmSpec(
         name="rft",
         family="online",
-        doc="online rejection-sampling fine-tuning: SFT on the best / verified samples (docs/algorithms.md#rft)",
+        doc="online rejection-sampling fine-tuning: SFT on the best / verified samples (docs/algorithms.md#online-rft)",
         reads=ONLINE | {"algorithm.rft_keep", "algorithm.rft_min_reward"},
         learner_loss="sft",
         notes={
@@ -224,7 +224,7 @@ register(
     AlgorithmSpec(
         name="opd",
         family="online",
-        doc="on-policy distillation: a teacher grades every sampled token (docs/algorithms.md#opd)",
+        doc="on-policy distillation: a teacher grades every sampled token (docs/algorithms.md#on-policy-distillation)",
         reads=CLIPPED | {"opd", "algorithm.advantage_std"},
         learner_loss="opd",
         needs_teacher=True,
@@ -278,7 +278,7 @@ register(
     AlgorithmSpec(
         name="reward_model",
         family="offline",
-        doc="a Bradley-Terry reward model on preference pairs (docs/algorithms.md#reward-model)",
+        doc="a Bradley-Terry reward model on preference pairs (docs/algorithms.md#reward-models)",
         reads=OFFLINE | {"reward_model"},
         learner_loss="reward_model",
         notes=_offline_notes("reward_model"),
@@ -288,7 +288,7 @@ register(
     AlgorithmSpec(
         name="distill",
         family="traces",
-        doc="a teacher's verified traces, then SFT of the student (docs/algorithms.md#distill)",
+        doc="a teacher's verified traces, then SFT of the student (docs/distillation.md#offline-traces-verify-keep-sft)",
         reads=TRACES,
         learner_loss="sft",
         needs_teacher=True,
@@ -298,7 +298,7 @@ register(
     AlgorithmSpec(
         name="rft_offline",
         family="traces",
-        doc="the model's own verified traces, then SFT on them (docs/algorithms.md#rft-offline)",
+        doc="the model's own verified traces, then SFT on them (docs/distillation.md#offline-rft)",
         reads=TRACES,
         learner_loss="sft",
     )

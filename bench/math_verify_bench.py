@@ -3,10 +3,11 @@
 Reports, side by side, checks per second, p50/p99 latency per check (posttrain one call at a time through its
 worker pool, and the whole set at once with `verify_many` over all the pool's workers) and agreement with the
 labels (with the false positives and false negatives counted separately, and the per-category agreement).
-With `--public`, the set is the public graders' cases in ../shared/data/math_equiv_public.jsonl (gold, pred,
-equal) and posttrain runs both strict (the reward path) and non-strict (the last mathematical answer).
+With `--public FILE`, the set is a JSONL of public graders' cases (objects with gold, pred, equal, source; the
+workplace keeps 302 of them from Math-Verify's, lighteval's and hendrycks MATH's regression suites) and posttrain runs
+both strict (the reward path) and non-strict (the last mathematical answer).
 
-    .venv/bin/python bench/math_verify_bench.py [--repeat N] [--public]
+    .venv/bin/python bench/math_verify_bench.py [--repeat N] [--public FILE]
 
 math-verify is benchmark-only (not a posttrain dependency); install it with
     .venv/bin/python -m pip install math-verify
@@ -24,12 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "verifiers" / "data" / "math_labelled.jsonl"
-PUBLIC = ROOT / ".." / "shared" / "data" / "math_equiv_public.jsonl"
 
 
-def load_cases(public: bool = False) -> list[dict]:
-    """Cases as {gold, response, expected, category}; the public file's (gold, pred, equal, source) mapped onto it."""
-    path = PUBLIC if public else DATA
+def load_cases(public: str | None = None) -> list[dict]:
+    """Cases as {gold, response, expected, category}; a public file's (gold, pred, equal, source) mapped onto it."""
+    path = Path(public) if public else DATA
     if not path.is_file():
         raise SystemExit(f"math_verify_bench: no cases file at {path}")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -117,7 +117,7 @@ def _agreement(cases: list[dict], results: list[bool]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="timed passes over the set (after one warm-up pass)")
-    parser.add_argument("--public", action="store_true", help="the public graders' cases, strict and non-strict")
+    parser.add_argument("--public", metavar="FILE", help="a JSONL of public graders' cases: strict and non-strict")
     args = parser.parse_args()
     cases = load_cases(args.public)
     checkers = {"posttrain": posttrain_checker()}
