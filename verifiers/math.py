@@ -34,6 +34,7 @@ from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rati
 from posttrain.verifiers import math_rules
 from posttrain.verifiers.math_answer import boxed_contents, loose_answer, marked_answer
 from posttrain.verifiers.math_answer import gold_answer as gold_answer_of
+from posttrain.verifiers.math_structure import structure
 from posttrain.verifiers.pool import CallResult, WorkerPool
 
 _NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -185,61 +186,7 @@ def warm_up() -> None:
 
 
 _MAX_PARTS = 16
-_MAX_STRUCTURED_CHARS = 2000
-_MATRIX_RE = re.compile(r"\\begin\{([pb])matrix\}(.*)\\end\{\1matrix\}")
 _LETTER_EQUATION_RE = re.compile(r"([a-zA-Z])=([^=]+)|([^=]+)=([a-zA-Z])")
-
-
-def _split_top_level(s: str, separator: str) -> list[str] | None:
-    """`s` split at `separator` outside any brackets; None when the brackets do not balance."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        if s.startswith("\\{", i) or s.startswith("\\}", i):
-            depth += 1 if s[i + 1] == "{" else -1
-            i += 2
-            continue
-        ch = s[i]
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif depth == 0 and s.startswith(separator, i):
-            parts.append(s[start:i])
-            start = i + len(separator)
-            i = start
-            continue
-        if depth < 0:
-            return None
-        i += 1
-    parts.append(s[start:])
-    return parts if depth == 0 else None
-
-
-def _structure(s: str) -> tuple | None:
-    """("union"|"set"|"list", parts), ("seq", brackets, parts) or ("matrix", rows) for a structured answer."""
-    if len(s) > _MAX_STRUCTURED_CHARS:
-        return None
-    union = _split_top_level(s, "\\cup")
-    if union and len(union) > 1:
-        return ("union", union)
-    matrix = _MATRIX_RE.fullmatch(s)
-    if matrix:
-        rows = [row.split("&") for row in matrix.group(2).split(";") if row]
-        return ("matrix", rows) if rows and len({len(row) for row in rows}) == 1 else None
-    if s.startswith("\\{") and s.endswith("\\}"):
-        inner = _split_top_level(s[2:-2], ",")
-        return ("set", inner) if inner else None
-    if len(s) > 2 and s[0] in "([" and s[-1] in ")]":
-        inner = _split_top_level(s[1:-1], ",")  # None unless the outer brackets enclose everything
-        if inner and len(inner) > 1:
-            return ("seq", s[0] + s[-1], inner)
-    parts = _split_top_level(s, ",")
-    if parts and len(parts) > 1:
-        return ("list", parts)
-    plus_minus = _split_top_level(s, "\\pm")
-    if plus_minus and len(plus_minus) == 2:  # 1\pm\sqrt{2}: the set of both signs
-        return ("set", [s.replace("\\pm", "+"), s.replace("\\pm", "-")])
-    return None
 
 
 def _parts_equal(gold: list[str], pred: list[str], ordered: bool, deadline: float, loose: bool = False) -> bool:
@@ -291,7 +238,7 @@ def _equal(gold: str, pred: str, deadline: float, loose: bool = False) -> bool:
         )
         if decided is not None:
             return decided
-    gold_structure, pred_structure = _structure(gold), _structure(pred)
+    gold_structure, pred_structure = structure(gold), structure(pred)
     if gold_structure or pred_structure:
         if not gold_structure or not pred_structure:
             return False
@@ -369,12 +316,12 @@ def _is_expression(s: str, depth: int) -> bool:
     sides = s.split("=")
     if len(sides) == 2:
         return all(_is_expression(side, depth + 1) for side in sides)
-    structure = _structure(s)
-    if structure is None:
+    parts = structure(s)
+    if parts is None:
         return False
-    if structure[0] == "matrix":
-        return all(_is_expression(cell, depth + 1) for row in structure[1] for cell in row)
-    return all(_is_expression(part, depth + 1) for part in structure[-1])
+    if parts[0] == "matrix":
+        return all(_is_expression(cell, depth + 1) for row in parts[1] for cell in row)
+    return all(_is_expression(part, depth + 1) for part in parts[-1])
 
 
 def answers_equal(gold: str, pred: str, timeout: float = 5.0, loose: bool = False) -> bool:
