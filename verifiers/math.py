@@ -12,7 +12,9 @@ without order; `pmatrix`/`bmatrix` matrices cell by cell. Equations: `x = 3` equ
 left-hand side, either way round: `3 = x`); two `v = ...` answers need the same letter; other equations are
 equal only when one side-difference is a nonzero constant multiple of the other (never right-hand side alone).
 `a \\pm b` is the set {a + b, a - b}; `n!` is exact for n of at most 4 digits.
-Not handled yet: base-n numbers beyond string equality, float tolerance, multi-letter products (`2ab`).
+`6 \\text{ and } 8` is the list 6, 8. `strict=False` adds the rules of `math_rules.py` (inequalities, named
+left-hand sides, `=`/`\\approx` chains, decimal commas, a decimal of 15+ significant digits against the exact value
+it rounds). Not handled yet: base-n numbers beyond string equality, multi-letter products (`2ab`).
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ import os
 import re
 import threading
 import time
+from decimal import Decimal
 from fractions import Fraction
 
 import sympy
 from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, rationalize, standard_transformations
 
+from posttrain.verifiers import math_rules
 from posttrain.verifiers.math_answer import boxed_contents, loose_answer, marked_answer
 from posttrain.verifiers.math_answer import gold_answer as gold_answer_of
+from posttrain.verifiers.math_structure import structure
 from posttrain.verifiers.pool import CallResult, WorkerPool
 
 _NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}(?:\^\s*\{?[23]\}?)?")
+_LIST_WORD_RE = re.compile(r"\s*(?:\\text\{\s*(?:and|or)\s*\}|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*")
 _UNIT_WORDS_RE = re.compile(r"([-+]?[\d.,/]+)\s*([a-zA-Z][a-zA-Z\s]*)")
 _FRAC_RE = re.compile(r"^([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}$|^([+-]?)\\frac(\d)(\d)$")
 _SAFE_CHARS_RE = re.compile(r"^[0-9a-zA-Z+\-*/(). ]*$")
@@ -62,6 +68,8 @@ def extract_answer(response: str, strict: bool = True) -> str | None:
 def normalise(answer: str) -> str:
     """Strip notation that does not change the value: `$`, spaces, `\\left`/`\\right`, units, degrees, `%`."""
     s = answer.strip().replace("\\$", "").replace("$", "").replace("\\\\", ";")  # matrix rows: `\\` -> `;`
+    s = _LIST_WORD_RE.sub(", ", s)  # `6 \text{ and } 8` is a list of two, not 68
+    s = re.sub(r",(?:\s*,)+", ",", s).strip().strip(",")  # `19, 46, and 82`
     list_like = re.search(r",\s", s) is not None  # "32, 349" is a list, "32,349" a number
     s = re.sub(r"\\(?:left|right|displaystyle)\b|\\[,!;: ]", " ", s)
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
@@ -122,11 +130,11 @@ def _to_sympy_source(s: str) -> str | None:
     return s
 
 
-def _sympy_equal(gold_source: str, pred_source: str, proportional: bool = False) -> bool:
+def _sympy_equal(gold_source: str, pred_source: str, proportional: bool = False, positive: bool = False) -> bool:
     """sympy equivalence of two sources that passed `_to_sympy_source`. Runs inside the worker process.
 
     `proportional`: whether `pred` is a nonzero constant multiple of `gold` (two equations `a = b`, `c = d` given
-    as `a - b` and `c - d`).
+    as `a - b` and `c - d`), a positive one with `positive` (two inequalities `a < b`, `c < d`).
     """
     letters = {c: sympy.Symbol(c) for c in set(re.findall(r"[a-zA-Z]", gold_source + pred_source))}
     local = {**letters, **_SYMPY_NAMES}
@@ -141,7 +149,7 @@ def _sympy_equal(gold_source: str, pred_source: str, proportional: bool = False)
         if sympy.simplify(gold) == 0 or sympy.simplify(pred) == 0:
             return False
         ratio = sympy.simplify(gold / pred)
-        return bool(ratio.is_number and ratio.is_nonzero and ratio.is_finite)
+        return bool(ratio.is_number and ratio.is_nonzero and ratio.is_finite and (ratio.is_positive or not positive))
     except Exception:
         return False
 
@@ -178,71 +186,19 @@ def warm_up() -> None:
 
 
 _MAX_PARTS = 16
-_MAX_STRUCTURED_CHARS = 2000
-_MATRIX_RE = re.compile(r"\\begin\{([pb])matrix\}(.*)\\end\{\1matrix\}")
 _LETTER_EQUATION_RE = re.compile(r"([a-zA-Z])=([^=]+)|([^=]+)=([a-zA-Z])")
 
 
-def _split_top_level(s: str, separator: str) -> list[str] | None:
-    """`s` split at `separator` outside any brackets; None when the brackets do not balance."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        if s.startswith("\\{", i) or s.startswith("\\}", i):
-            depth += 1 if s[i + 1] == "{" else -1
-            i += 2
-            continue
-        ch = s[i]
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif depth == 0 and s.startswith(separator, i):
-            parts.append(s[start:i])
-            start = i + len(separator)
-            i = start
-            continue
-        if depth < 0:
-            return None
-        i += 1
-    parts.append(s[start:])
-    return parts if depth == 0 else None
-
-
-def _structure(s: str) -> tuple | None:
-    """("union"|"set"|"list", parts), ("seq", brackets, parts) or ("matrix", rows) for a structured answer."""
-    if len(s) > _MAX_STRUCTURED_CHARS:
-        return None
-    union = _split_top_level(s, "\\cup")
-    if union and len(union) > 1:
-        return ("union", union)
-    matrix = _MATRIX_RE.fullmatch(s)
-    if matrix:
-        rows = [row.split("&") for row in matrix.group(2).split(";") if row]
-        return ("matrix", rows) if rows and len({len(row) for row in rows}) == 1 else None
-    if s.startswith("\\{") and s.endswith("\\}"):
-        inner = _split_top_level(s[2:-2], ",")
-        return ("set", inner) if inner else None
-    if len(s) > 2 and s[0] in "([" and s[-1] in ")]":
-        inner = _split_top_level(s[1:-1], ",")  # None unless the outer brackets enclose everything
-        if inner and len(inner) > 1:
-            return ("seq", s[0] + s[-1], inner)
-    parts = _split_top_level(s, ",")
-    if parts and len(parts) > 1:
-        return ("list", parts)
-    plus_minus = _split_top_level(s, "\\pm")
-    if plus_minus and len(plus_minus) == 2:  # 1\pm\sqrt{2}: the set of both signs
-        return ("set", [s.replace("\\pm", "+"), s.replace("\\pm", "-")])
-    return None
-
-
-def _parts_equal(gold: list[str], pred: list[str], ordered: bool, deadline: float) -> bool:
+def _parts_equal(gold: list[str], pred: list[str], ordered: bool, deadline: float, loose: bool = False) -> bool:
+    if loose and not ordered:  # a solution set: a repeated element is the same element
+        gold, pred = list(dict.fromkeys(gold)), list(dict.fromkeys(pred))
     if len(gold) != len(pred) or len(gold) > _MAX_PARTS or not all(gold) or not all(pred):
         return False
     if ordered:
-        return all(_equal(g, p, deadline) for g, p in zip(gold, pred, strict=True))
+        return all(_equal(g, p, deadline, loose) for g, p in zip(gold, pred, strict=True))
     unused = list(pred)
     for g in gold:
-        match = next((i for i, p in enumerate(unused) if _equal(g, p, deadline)), None)
+        match = next((i for i, p in enumerate(unused) if _equal(g, p, deadline, loose)), None)
         if match is None:
             return False
         unused.pop(match)
@@ -267,56 +223,86 @@ def _letter_equation(s: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
 
 
-def _equal(gold: str, pred: str, deadline: float) -> bool:
-    """Equivalence of two normalised answers."""
+def _equal(gold: str, pred: str, deadline: float, loose: bool = False) -> bool:
+    """Equivalence of two normalised answers; `loose` adds the non-strict rules of `math_rules`."""
     if gold == pred:
         return True
     gold_value, pred_value = _to_fraction(gold), _to_fraction(pred)
     if gold_value is not None and pred_value is not None:  # the common case: two plain numbers
-        return gold_value == pred_value
+        return gold_value == pred_value or (loose and math_rules.decimal_matches(gold, pred, gold_value, pred_value))
     if time.monotonic() > deadline:
         return False
-    gold_structure, pred_structure = _structure(gold), _structure(pred)
+    if loose:
+        decided = math_rules.loose_equal(
+            gold, pred, lambda g, p: _equal(g, p, deadline, loose), _proportional, _exact_value
+        )
+        if decided is not None:
+            return decided
+    gold_structure, pred_structure = structure(gold), structure(pred)
     if gold_structure or pred_structure:
         if not gold_structure or not pred_structure:
             return False
         kinds = {gold_structure[0], pred_structure[0]}
         if kinds <= {"set", "list"} or kinds == {"union"}:
-            return _parts_equal(gold_structure[1], pred_structure[1], False, deadline)
+            return _parts_equal(gold_structure[1], pred_structure[1], False, deadline, loose)
         if kinds == {"seq"}:
             same_brackets = gold_structure[1] == pred_structure[1]
-            return same_brackets and _parts_equal(gold_structure[2], pred_structure[2], True, deadline)
+            return same_brackets and _parts_equal(gold_structure[2], pred_structure[2], True, deadline, loose)
         if kinds == {"matrix"}:
             gold_rows, pred_rows = gold_structure[1], pred_structure[1]
             return len(gold_rows) == len(pred_rows) and all(
-                _parts_equal(g, p, True, deadline) for g, p in zip(gold_rows, pred_rows, strict=True)
+                _parts_equal(g, p, True, deadline, loose) for g, p in zip(gold_rows, pred_rows, strict=True)
             )
         return False
     if "=" in gold or "=" in pred:
         gold_equation, pred_equation = _letter_equation(gold), _letter_equation(pred)
         if gold_equation and pred_equation and gold_equation[0] == pred_equation[0]:
-            return _equal(gold_equation[1], pred_equation[1], deadline)
+            return _equal(gold_equation[1], pred_equation[1], deadline, loose)
         if "=" not in pred and gold_equation:
-            return _equal(gold_equation[1], pred, deadline)
+            return _equal(gold_equation[1], pred, deadline, loose)
         if "=" not in gold and pred_equation:
-            return _equal(gold, pred_equation[1], deadline)
+            return _equal(gold, pred_equation[1], deadline, loose)
         gold_sides, pred_sides = gold.split("="), pred.split("=")
         if len(gold_sides) != 2 or len(pred_sides) != 2:
             return False
-        sources = [_to_sympy_source(side) for side in (*gold_sides, *pred_sides)]
-        if None in sources:
-            return False
-        gold_source, pred_source = f"({sources[0]})-({sources[1]})", f"({sources[2]})-({sources[3]})"
-        if len(gold_source) >= _MAX_SYMPY_CHARS or len(pred_source) >= _MAX_SYMPY_CHARS:
-            return False
-        return _sympy_equal(gold_source, pred_source, proportional=True)
+        return _proportional((gold_sides[0], gold_sides[1]), (pred_sides[0], pred_sides[1]))
     return _scalar_equal(gold, pred, deadline)
+
+
+def _proportional(gold_sides: tuple[str, str], pred_sides: tuple[str, str], positive: bool = False) -> bool:
+    """Whether `pred`'s side-difference is a nonzero (`positive`: a positive) constant multiple of `gold`'s."""
+    sources = [_to_sympy_source(side) for side in (*gold_sides, *pred_sides)]
+    if None in sources:
+        return False
+    gold_source, pred_source = f"({sources[0]})-({sources[1]})", f"({sources[2]})-({sources[3]})"
+    if len(gold_source) >= _MAX_SYMPY_CHARS or len(pred_source) >= _MAX_SYMPY_CHARS:
+        return False
+    return _sympy_equal(gold_source, pred_source, proportional=True, positive=positive)
+
+
+def _exact_value(s: str) -> Fraction | Decimal | None:
+    """The value of a constant answer: exact when rational, else evaluated to 60 significant digits; None for
+    anything with a free symbol or not real."""
+    value = _to_fraction(s)
+    if value is not None:
+        return value
+    source = _to_sympy_source(s)
+    if source is None or re.search(r"[a-zA-Z]", re.sub(r"sqrt|pi|factorial", "", source)):
+        return None
+    try:
+        expr = parse_expr(source, local_dict=dict(_SYMPY_NAMES), transformations=_TRANSFORMATIONS)
+        if expr.is_Rational:
+            return Fraction(int(expr.p), int(expr.q))
+        evaluated = expr.evalf(60)
+        return Decimal(str(evaluated)) if evaluated.is_real and evaluated.is_finite else None
+    except Exception:
+        return None
 
 
 def _parses(answer: str) -> bool:
     """Whether `answer` reads as one mathematical expression: how `loose_answer` tells `\\frac{10}{9}` or `.4` (the
     whole answer) from prose such as `AZYUK2A` (not even its digit)."""
-    return _is_expression(normalise(answer), depth=0)
+    return _is_expression(normalise(math_rules.loose_source(answer)), depth=0)
 
 
 def _is_expression(s: str, depth: int) -> bool:
@@ -330,25 +316,34 @@ def _is_expression(s: str, depth: int) -> bool:
     sides = s.split("=")
     if len(sides) == 2:
         return all(_is_expression(side, depth + 1) for side in sides)
-    structure = _structure(s)
-    if structure is None:
+    parts = structure(s)
+    if parts is None:
         return False
-    if structure[0] == "matrix":
-        return all(_is_expression(cell, depth + 1) for row in structure[1] for cell in row)
-    return all(_is_expression(part, depth + 1) for part in structure[-1])
+    if parts[0] == "matrix":
+        return all(_is_expression(cell, depth + 1) for row in parts[1] for cell in row)
+    return all(_is_expression(part, depth + 1) for part in parts[-1])
 
 
-def answers_equal(gold: str, pred: str, timeout: float = 5.0) -> bool:
-    """Whether two already-extracted answers are equivalent (see the module docstring for the rules).
+def answers_equal(gold: str, pred: str, timeout: float = 5.0, loose: bool = False) -> bool:
+    """Whether two already-extracted answers are equivalent (see the module docstring for the rules); `loose`
+    adds the non-strict rules of `math_rules` (inequalities, named left-hand sides, chains, decimals).
 
     Runs in this process: use it only on trusted input (a hostile answer can make sympy run for a long time).
     """
+    if loose:
+        gold, pred = math_rules.loose_source(gold), math_rules.loose_source(pred)
+        for comma, other in ((gold, pred), (pred, gold)):
+            comma, other = math_rules.decimal_comma(comma), _to_fraction(normalise(other))
+            if comma is not None and other is not None:
+                return _to_fraction(comma) == other
     gold, pred = normalise(gold), normalise(pred)
+    if loose:
+        gold, pred = math_rules.loose_form(gold), math_rules.loose_form(pred)
     if not gold or not pred:
         return False
     if gold == pred:
         return True
-    return _equal(gold, pred, time.monotonic() + timeout)  # one time budget for all the parts of an answer
+    return _equal(gold, pred, time.monotonic() + timeout, loose)  # one time budget for all the parts of an answer
 
 
 def verify_here(gold: str, response: str, strict: bool = True) -> bool:
@@ -358,7 +353,7 @@ def verify_here(gold: str, response: str, strict: bool = True) -> bool:
         pred_answer = extract_answer(response, strict=strict)
         if pred_answer is None:
             return False
-        return answers_equal(gold_answer, pred_answer, timeout=math.inf)
+        return answers_equal(gold_answer, pred_answer, timeout=math.inf, loose=not strict)
     except Exception:
         return False
 

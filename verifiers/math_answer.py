@@ -117,6 +117,11 @@ def _statement_answer(statement: str, parses: Callable[[str], bool]) -> str:
         return statement
     spans = [(start, end, contents.strip()) for start, end, contents in _spans(statement) if contents.strip()]
     items = [(end, contents) for _, end, contents in spans]
+    first = len(spans) - 1  # `$12$ and $13$` is one answer, as adjacent boxes are
+    while first > 0 and _BOX_JOINER_RE.fullmatch(statement[spans[first - 1][1] : spans[first][0]]):
+        first -= 1
+    if spans and first < len(spans) - 1:
+        items[-1] = (spans[-1][1], ", ".join(contents for _, _, contents in spans[first:]))
     for number in _LAST_NUMBER_RE.finditer(statement):  # numbers inside a span are part of it
         if not any(start <= number.start() < end for start, end, _ in spans):
             items.append((number.end(), number.group()))

@@ -26,6 +26,7 @@ LOOSE_CASES = [
     ("Final Answer: The final answer is $10,455$. I hope", "10,455"),
     ("first \\boxed{255}, in the end it is 10455. Final Answer: 10455", "10455"),  # the marker that ends last
     ("Final Answer: The answer is $\\boxed{7}$.", "7"),  # a statement around a box gives the box
+    ("Final Answer: The final answer is $12$ and $13$. I hope", "12, 13"),  # spans joined as boxes are
     ("\\boxed{(1, 2)}, \\boxed{(2, 1)}", "(1, 2), (2, 1)"),  # adjacent boxes are one answer
     ("\\boxed{3} \\quad \\text{and} \\quad \\boxed{5}", "3, 5"),
     ("\\boxed{1} is wrong, so \\boxed{2}", "2"),  # words between boxes: only the last
@@ -87,8 +88,10 @@ def test_agreement_with_public_graders():
         (c["gold"][-80:], c["pred"][-80:], c["equal"], g) for c, g in zip(cases, got, strict=True) if g != c["equal"]
     ]
     agreement = 1 - len(misses) / len(cases)
-    # 167/302 with last-digit-run extraction; the floor is what the extraction reaches now (the issue asks 0.90:
-    # the rest are equivalence rules such as inequalities, float tolerance and decimal commas, see the report).
-    assert agreement >= 215 / 302, f"agreement {agreement:.3f}; misses (gold, pred, expected, got):\n" + "\n".join(
+    false_positives = [miss for miss in misses if not miss[2]]
+    assert len(false_positives) <= 2, f"new false positives: {false_positives}"
+    # 167/302 with last-digit-run extraction, 215 with the last mathematical answer, 272 (0.90) with the
+    # non-strict rules of verifiers/math_rules.py. The 2 false positives are hendrycks' order-sensitive lists.
+    assert agreement >= 272 / 302, f"agreement {agreement:.3f}; misses (gold, pred, expected, got):\n" + "\n".join(
         map(repr, misses)
     )
