@@ -66,7 +66,7 @@ def test_missing_reward_file_is_named_before_any_work(tmp_path):
 
 
 def test_a_reward_that_raises_stops_the_run_naming_function_and_sample(tmp_path):
-    rewards = [{"fn": f"{HERE / 'rl' / 'data' / 'broken_reward.py'}:picky"}]
+    rewards = [{"fn": f"{HERE / 'online' / 'data' / 'broken_reward.py'}:picky"}]
     data = {"kind": "arithmetic", "num_problems": 6, "seed": 1, "max_value": 3, "min_value": 3}
     proc = _posttrain("train", str(_recipe(tmp_path, rewards=rewards, data=data, eval={})))
     assert proc.returncode == 2, proc.stderr

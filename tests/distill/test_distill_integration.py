@@ -11,7 +11,7 @@ from posttrain.config import ConfigError, validate_config
 from posttrain.distill.pipeline import run_distill
 from posttrain.models.tiny import tiny_model_path
 
-LENGTH_REWARD = Path(__file__).parent.parent / "rl" / "data" / "length_reward.py"
+LENGTH_REWARD = Path(__file__).parent.parent / "online" / "data" / "length_reward.py"
 
 
 def distill_recipe(tmp_path: Path, **overrides) -> dict:
