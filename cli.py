@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from posttrain.config import ConfigError, RecipeConfig, load_config
+from posttrain.config import ConfigError, load_config
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
 
@@ -65,6 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.recipe}: `eval.data` is not set; add an eval dataset to the recipe or override it")
     if not cfg.rewards:  # an opd recipe may have none
         raise ConfigError(f"{args.recipe}: `rewards` is empty; evaluation scores accuracy with the recipe's rewards")
+    from posttrain.online.evaluation import evaluate_recipe
+
     result = evaluate_recipe(cfg)
     print(f"{'metric':<32}{'value':>10}")
     for key, value in result["metrics"].items():
@@ -74,41 +76,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0
-
-
-def evaluate_recipe(cfg: RecipeConfig) -> dict:
-    """Evaluate `cfg.model` on `cfg.eval.data` in this process (no Ray needed) with the recipe's rewards."""
-    from posttrain.online import components
-    from posttrain.online.evaluation import eval_params, score_eval
-    from posttrain.rewards.workers import LocalScorer
-    from posttrain.rollout.hf_engine import HFEngine
-
-    specs = components.load_reward_specs(cfg)
-    _, rows = components.load_data(cfg)
-    model_path = components.model_path_of(cfg)
-    fmt = components.PromptFormatter(cfg, model_path)
-    engine = HFEngine(
-        model_path,
-        dtype=cfg.model.dtype,
-        max_batch_size=cfg.rollout.max_batch_size,
-        num_threads=cfg.rollout.num_threads or os.cpu_count(),
-    )
-    e, r = cfg.eval, cfg.rollout
-    params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, cfg.seed)
-    start = time.perf_counter()
-    results = engine.generate(fmt(rows), params)
-    metrics, records = score_eval(
-        rows, results, LocalScorer(specs), components.accuracy_reward_name(cfg), cfg.algorithm.on_reward_error
-    )
-    metrics["time/eval"] = time.perf_counter() - start
-    return {
-        "model": cfg.model.path,
-        "num_prompts": len(rows),
-        "n": e.n,
-        "temperature": e.temperature,
-        "metrics": metrics,
-        "samples": records,
-    }
 
 
 def build_parser() -> argparse.ArgumentParser:

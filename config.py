@@ -216,7 +216,7 @@ class AlgorithmConfig(_Section):
     kl_in: Literal["loss", "reward"] = "loss"
     """where the KL goes: added to the loss (GRPO; with gradient) or subtracted from the reward (RLOO, REINFORCE++)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """per-token KL estimator (Schulman; docs/algorithms.md#kl-estimators): k1 = lp - lp_ref, k2, k3 (>= 0, low variance)"""
+    """per-token KL estimator (Schulman; docs/algorithms.md#kl-estimators): k1 = lp - lp_ref, k2, k3 (>= 0)"""
     loss_reduction: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """how per-token losses are reduced (see docs/algorithms.md#loss-reduction)"""
     on_reward_error: Literal["raise", "skip"] = "raise"

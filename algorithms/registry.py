@@ -288,7 +288,7 @@ register(
     AlgorithmSpec(
         name="distill",
         family="traces",
-        doc="a teacher's verified traces, then SFT of the student (docs/distillation.md#offline-traces-verify-keep-sft)",
+        doc="a teacher's verified traces, then SFT (docs/distillation.md#offline-traces-verify-keep-sft)",
         reads=TRACES,
         learner_loss="sft",
         needs_teacher=True,

@@ -21,9 +21,9 @@ import ray
 import torch
 
 from posttrain.data.types import Sample
+from posttrain.learner.actors import Learner, LearnerGroup
 from posttrain.learner.batch import collate
-from posttrain.learner.data_parallel import LearnerGroup
-from posttrain.learner.learner import Learner, LearnerSettings
+from posttrain.learner.learner import LearnerSettings
 from posttrain.models.tiny import tiny_model_path
 
 

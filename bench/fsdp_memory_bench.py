@@ -20,7 +20,7 @@ import time
 import ray
 from dp_learners_bench import make_batch  # bench/ is on sys.path when this script runs
 
-from posttrain.learner.data_parallel import LearnerGroup
+from posttrain.learner.actors import LearnerGroup
 from posttrain.learner.learner import LearnerSettings
 from posttrain.models.loading import resolve_model_path
 

@@ -24,7 +24,8 @@ import time
 import ray
 import torch
 
-from posttrain.learner.learner import Learner, LearnerSettings
+from posttrain.learner.actors import Learner
+from posttrain.learner.learner import LearnerSettings
 from posttrain.models.loading import load_model, resolve_model_path
 from posttrain.rollout.pool import RolloutPool
 from posttrain.rollout.weight_sync import WeightSync

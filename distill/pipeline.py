@@ -25,7 +25,9 @@ import ray
 
 from posttrain.config import FileSource, RecipeConfig
 from posttrain.distill.traces import TraceSettings, TraceStats, write_traces
+from posttrain.offline.trainer import run_offline
 from posttrain.online import components
+from posttrain.online.evaluation import evaluate_recipe
 from posttrain.rewards.combine import RewardScores, trl_completion
 from posttrain.rollout.types import SamplingParams
 from posttrain.run_folder.run_dir import open_run_dir
@@ -131,8 +133,6 @@ def student_sft_config(cfg: RecipeConfig, dataset: Path, run_dir: Path) -> Recip
 
 
 def _evaluate(cfg: RecipeConfig, model: str | None) -> dict[str, float]:
-    from posttrain.cli import evaluate_recipe
-
     if cfg.eval.data is None:
         return {}
     target = cfg if model is None else cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": model})})
@@ -141,8 +141,6 @@ def _evaluate(cfg: RecipeConfig, model: str | None) -> dict[str, float]:
 
 def run_distill(cfg: RecipeConfig) -> Path:
     """Run the three stages; returns the run folder."""
-    from posttrain.offline.trainer import run_offline
-
     run_dir, _, _ = open_run_dir(cfg, checkpoints=False)
     dataset = run_dir / "traces.jsonl"
     report: dict[str, Any] = {"algorithm": cfg.algorithm.name, "teacher": teacher_config(cfg).model.path}

@@ -2,9 +2,9 @@
 
 PPO (Schulman et al., 1707.06347) as applied to LMs (Ziegler et al. 1909.08593; InstructGPT 2203.02155): the critic
 V_phi is trained by regression on the GAE returns with the clipped value loss of docs/algorithms.md#ppo
-(`algorithms.gae.value_loss`, as OpenAI baselines' PPO2, TRL and OpenRLHF clip it). Runs as a Ray actor (`Critic`)
-or in-process (`CriticImpl`), next to the learner; the controller asks it for `values` once per rollout batch and
-then `train_step`s it on the returns while the learner trains the policy.
+(`algorithms/gae.py`'s `value_loss`, as OpenAI baselines' PPO2, TRL and OpenRLHF clip it). Runs as a Ray actor
+(`Critic`, `learner/actors.py`) or in-process (`CriticImpl`), next to the learner; the controller asks it for `values`
+once per rollout batch and then `train_step`s it on the returns while the learner trains the policy.
 
 The value of completion token t is read from the last hidden state at the position before it, i.e. the state in which
 token t was chosen (TRL's PPOTrainer reads the same positions): for completion columns P..T-1, hidden states P-1..T-2.
@@ -21,28 +21,26 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import ray
 import torch
 from torch import nn
 
 from posttrain.algorithms.gae import value_loss
 from posttrain.learner.batch import TrainBatch
-from posttrain.learner.learner import (
-    OptimizerSettings,
-    _Stats,
-    make_optimizer,
-    mini_batch_bounds,
-    restore_training_state,
-)
 from posttrain.models.loading import load_model
 from posttrain.models.logprobs import position_ids_from_mask
 from posttrain.models.lora import LoraSettings
+from posttrain.models.training import (
+    OptimizerSettings,
+    Stats,
+    make_optimizer,
+    mini_batch_bounds,
+    restore_training_state,
+    rng_state,
+)
 
 
 @dataclass
@@ -138,7 +136,7 @@ class CriticImpl:
             raise ValueError("Critic.train_step: the batch needs returns_BC and old_values_BC (see ppo_batch)")
         if float(batch.loss_mask_BC.sum()) == 0:
             raise ValueError("Critic.train_step: the batch has no completion tokens with loss (all samples skipped?)")
-        stats = _Stats()
+        stats = Stats()
         first_lr = self.scheduler.get_last_lr()[0]
         bounds = mini_batch_bounds(len(batch), s.mini_batches)
         updates = 0
@@ -151,7 +149,7 @@ class CriticImpl:
         metrics["time/critic_step"] = time.perf_counter() - start
         return metrics
 
-    def _update(self, batch: TrainBatch, stats: _Stats) -> int:
+    def _update(self, batch: TrainBatch, stats: Stats) -> int:
         """One optimizer step of the value loss over `batch`, in micro-batches; returns 1, or 0 without loss tokens."""
         s = self.settings
         num_tokens = float(batch.loss_mask_BC.sum())
@@ -190,7 +188,7 @@ class CriticImpl:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "steps_done": self.steps_done,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
         }
         torch.save(state, out / "critic.pt.tmp")
         os.replace(out / "critic.pt.tmp", out / "critic.pt")
@@ -204,6 +202,3 @@ class CriticImpl:
         restore_training_state(state, self.model, self.optimizer, self.scheduler, path)
         self.steps_done = state["steps_done"]
         return self.steps_done
-
-
-Critic = ray.remote(CriticImpl)

@@ -1,7 +1,7 @@
 """Data-parallel learners: `placement.learners: M` learner actors train as one torch.distributed group.
 
-The driver holds a `LearnerGroup` and uses it like the single learner actor (`group.train_step.remote(batch)`,
-`ray.get(...)`). One rollout batch:
+The driver holds a `LearnerGroup` (`learner/actors.py`) and uses it like the single learner actor
+(`group.train_step.remote(batch)`, `ray.get(...)`). One rollout batch:
   1. The driver splits it by whole rows (`shard_plan`): the global mini-batch i (the same row ranges one learner
      would cut, `np.linspace` over the batch) is cut into M near-equal parts and rank r gets part r of every
      mini-batch, with the bounds of its local mini-batches. A part may have no rows (a batch smaller than
@@ -25,17 +25,16 @@ fails mid-step the others raise too once their next collective times out, and th
 from __future__ import annotations
 
 import math
-import socket
 from datetime import timedelta
 
 import numpy as np
-import ray
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from posttrain.learner.batch import TrainBatch, select_rows
-from posttrain.learner.learner import LearnerImpl, LearnerSettings, _Stats
+from posttrain.learner.learner import LearnerImpl, LearnerSettings
+from posttrain.models.training import Stats
+from posttrain.rollout.gpu_sync import free_address
 
 REPLICATED_STATS = ("grad_norm",)
 """running sums that are the same on every rank (computed after the all-reduce): averaged over ranks, not summed"""
@@ -61,9 +60,9 @@ def shard_plan(num_rows: int, mini_batches: int, world_size: int) -> list[tuple[
     return plan
 
 
-def merge_stats(parts: list[_Stats]) -> _Stats:
+def merge_stats(parts: list[Stats]) -> Stats:
     """The running metrics of all ranks as one learner's on the whole batch (see the module docstring)."""
-    merged = _Stats()
+    merged = Stats()
     for part in parts:
         for name, value in part.sums.items():
             merged.sums[name] = merged.sums.get(name, 0.0) + value
@@ -79,12 +78,30 @@ def merge_stats(parts: list[_Stats]) -> _Stats:
     return merged
 
 
-def free_address() -> tuple[str, int]:
-    """This node's address (as Ray knows it) and a TCP port free on it now, for rank 0's rendezvous store."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+def local_tensors(tensors) -> list[torch.Tensor]:
+    """What this rank holds of each tensor (a DTensor's local shard; a plain tensor itself)."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
+def local_numel(tensors) -> int:
+    """Elements this rank holds of `tensors` (a DTensor counts its local shard only)."""
+    return sum(t.numel() for t in local_tensors(tensors))
+
+
+def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds: all parameters, trainable ones, their gradients, and the optimizer's state tensors."""
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in local_tensors(tensors))
+
+    params = list(model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return {
+        "params": nbytes(params),
+        "trainable": nbytes(p for p in params if p.requires_grad),
+        "grads": nbytes(p.grad for p in params if p.grad is not None),
+        "optimizer": nbytes(state),
+    }
 
 
 class DataParallelLearnerImpl(LearnerImpl):
@@ -140,8 +157,6 @@ class DataParallelLearnerImpl(LearnerImpl):
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds (params, trainable, grads, optimizer state) and its parameter count (`numel`)."""
-        from posttrain.learner.fsdp import local_bytes, local_numel
-
         return local_bytes(self.model, self.optimizer) | {"numel": local_numel(self.model.parameters())}
 
     def leave(self) -> None:
@@ -169,8 +184,8 @@ class DataParallelLearnerImpl(LearnerImpl):
             for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
                 grad.copy_(reduced)
 
-    def _reduce_stats(self, stats: _Stats) -> _Stats:
-        parts: list[_Stats | None] = [None] * self.world_size
+    def _reduce_stats(self, stats: Stats) -> Stats:
+        parts: list[Stats | None] = [None] * self.world_size
         dist.all_gather_object(parts, stats)
         return merge_stats(parts)
 
@@ -189,139 +204,3 @@ def _buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Ten
             buckets.append([t])
             size = nbytes
     return buckets
-
-
-DataParallelLearner = ray.remote(DataParallelLearnerImpl)
-
-
-@ray.remote(num_cpus=0)
-def _first(*results):
-    """Rank 0's result once every rank has finished (an error on any rank is raised to the caller)."""
-    return results[0]
-
-
-@ray.remote(num_cpus=0)
-def _concat_logprobs(*parts):
-    """The ranks' (policy, reference) log-probs of consecutive row ranges as one batch's."""
-    policy = torch.cat([p for p, _ in parts])
-    refs = [r for _, r in parts]
-    return policy, None if refs[0] is None else torch.cat(refs)
-
-
-class _Method:
-    """`group.name.remote(...)`, as on an actor handle."""
-
-    def __init__(self, fn):
-        self._fn = fn
-
-    def remote(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
-
-
-RANK0_METHODS = (
-    "get_weights",
-    "get_lora_adapter",
-    "save_checkpoint",
-    "save_final",
-    "put_weight_buckets",
-    "weight_group_address",
-    "join_weight_group",
-    "broadcast_weights",
-    "next_ipc_bucket",
-)
-"""learner calls that read the (identical) weights or write files: rank 0 alone answers them"""
-
-
-class LearnerGroup:
-    """M data-parallel learner actors behind the single learner actor's calls, each `.remote(...)` returning one
-    ObjectRef (so the driver code is the same for 1 or M learners): `train_step` and `logprobs` split the batch
-    over the ranks, `load_checkpoint` and `ready` go to every rank, `RANK0_METHODS` to rank 0.
-
-    `sharding="fsdp"` (`placement.sharding`): the ranks are `learner.fsdp.FSDPLearnerImpl`s holding 1/M of the
-    weights each;
-    reading the weights is then a collective, so `RANK0_METHODS` go to every rank and return rank 0's answer, and
-    `weight_sender` (what the weight sync calls) is the group itself instead of rank 0."""
-
-    def __init__(
-        self,
-        settings: LearnerSettings,
-        world_size: int,
-        teacher=None,
-        actor_options: list[dict] | None = None,
-        timeout_s: float = 300.0,
-        sharding: str = "none",
-    ):
-        if world_size < 1:
-            raise ValueError(f"placement.learners must be >= 1, got {world_size}")
-        from posttrain.learner.fsdp import SHARDINGS, FSDPLearner
-
-        if sharding not in SHARDINGS:
-            raise ValueError(f"placement.sharding: unknown {sharding!r}; allowed: {', '.join(SHARDINGS)}")
-        actor_class = FSDPLearner if sharding == "fsdp" else DataParallelLearner
-        options = actor_options or [{"num_cpus": 0}] * world_size
-        self.actors = [
-            actor_class.options(**options[rank]).remote(settings, teacher, rank, world_size)
-            for rank in range(world_size)
-        ]
-        self.sharding = sharding
-        self.mini_batches = settings.mini_batches
-        self.timeout_s = timeout_s
-        for name in ("train_step", "logprobs", "load_checkpoint"):
-            setattr(self, name, _Method(getattr(self, f"_{name}")))
-        for name in RANK0_METHODS:
-            if sharding == "fsdp":  # a collective: every rank takes part, rank 0 answers
-                setattr(self, name, _Method(self._on_every_rank(name)))
-            else:
-                setattr(self, name, getattr(self.actors[0], name))
-        self.weight_sender = self if sharding == "fsdp" else self.actors[0]
-        """what a `WeightSync` calls: rank 0 alone holds the full weights unless they are sharded"""
-        self.ready = _Method(lambda: _first.remote(*[a.ready.remote() for a in self.actors]))
-
-    def start(self) -> LearnerGroup:
-        """Wait for the models to load, then form the process group (raises `TimeoutError` if a rank is missing)."""
-        ray.get([actor.ready.remote() for actor in self.actors])
-        host, port = ray.get(self.actors[0].address.remote())
-        ray.get([actor.join.remote(host, port, self.timeout_s) for actor in self.actors])
-        return self
-
-    def reset(self, settings: LearnerSettings) -> LearnerGroup:
-        """Rebuild every rank's model and optimizer from `settings`, keeping the actors and their process group."""
-        ray.get([actor.reset.remote(settings) for actor in self.actors])
-        self.mini_batches = settings.mini_batches
-        return self
-
-    def shutdown(self) -> None:
-        """Leave the process group and stop the actors."""
-        try:
-            ray.get([actor.leave.remote() for actor in self.actors], timeout=self.timeout_s)
-        finally:
-            for actor in self.actors:
-                ray.kill(actor)
-
-    def _train_step(self, batch: TrainBatch | ray.ObjectRef):
-        if isinstance(batch, ray.ObjectRef):
-            batch = ray.get(batch)
-        plan = shard_plan(len(batch), self.mini_batches, len(self.actors))
-        refs = [
-            actor.train_step.remote(select_rows(batch, rows), bounds)
-            for actor, (rows, bounds) in zip(self.actors, plan, strict=True)
-        ]
-        return _first.remote(*refs)
-
-    def _logprobs(self, batch: TrainBatch | ray.ObjectRef):
-        if isinstance(batch, ray.ObjectRef):
-            batch = ray.get(batch)
-        plan = shard_plan(len(batch), 1, len(self.actors))  # consecutive row ranges, in rank order
-        refs = [
-            actor.logprobs.remote(select_rows(batch, rows)) for actor, (rows, _) in zip(self.actors, plan, strict=True)
-        ]
-        return _concat_logprobs.remote(*refs)
-
-    def _on_every_rank(self, name: str):
-        def call(*args, **kwargs):
-            return _first.remote(*[getattr(actor, name).remote(*args, **kwargs) for actor in self.actors])
-
-        return call
-
-    def _load_checkpoint(self, ckpt_dir: str):
-        return _first.remote(*[actor.load_checkpoint.remote(ckpt_dir) for actor in self.actors])

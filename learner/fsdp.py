@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import math
 
-import ray
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -45,10 +44,10 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from posttrain.learner.batch import TrainBatch
 from posttrain.learner.data_parallel import DataParallelLearnerImpl
-from posttrain.learner.learner import _Stats, restore_rng_state
 from posttrain.models.lora import plain_model, save_merged
 from posttrain.models.lora_adapter import lora_adapter
-from posttrain.rollout.weight_sync import skip_tied
+from posttrain.models.training import Stats, restore_rng_state
+from posttrain.rollout.buckets import skip_tied
 
 SHARDINGS = ("none", "fsdp")
 
@@ -78,32 +77,6 @@ def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if name not in module._non_persistent_buffers_set:
                 state[f"{prefix}.{name}" if prefix else name] = buffer.detach()
     return state
-
-
-def _local(tensors) -> list[torch.Tensor]:
-    """What this rank holds of each tensor (a DTensor's local shard; a plain tensor itself)."""
-    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-
-
-def local_numel(tensors) -> int:
-    """Elements this rank holds of `tensors` (a DTensor counts its local shard only)."""
-    return sum(t.numel() for t in _local(tensors))
-
-
-def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this rank holds: all parameters, trainable ones, their gradients, and the optimizer's state tensors."""
-
-    def nbytes(tensors) -> int:
-        return sum(t.numel() * t.element_size() for t in _local(tensors))
-
-    params = list(model.parameters())
-    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return {
-        "params": nbytes(params),
-        "trainable": nbytes(p for p in params if p.requires_grad),
-        "grads": nbytes(p.grad for p in params if p.grad is not None),
-        "optimizer": nbytes(state),
-    }
 
 
 def to_index_keyed(optim_state: dict, names: list[str]) -> dict:
@@ -190,7 +163,7 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
         for unit in self.units + self.ref_units:
             unit.reshard()
 
-    def _update(self, batch: TrainBatch, stats: _Stats) -> int:
+    def _update(self, batch: TrainBatch, stats: Stats) -> int:
         # the backward passes `LearnerImpl._update` will run: its micro-batches that have loss tokens
         size = self.settings.micro_batch_size
         self._planned = sum(
@@ -255,7 +228,7 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
         base = self.model.get_base_model() if self._is_peft() else self.model
         return str(save_merged(plain_model(base, weights), self.tokenizer, out_dir))
 
-    def put_weight_buckets(self, bucket_bytes: int, only_changed: bool = True) -> list[ray.ObjectRef]:
+    def put_weight_buckets(self, bucket_bytes: int, only_changed: bool = True) -> list:
         with self._unsharded():
             return super().put_weight_buckets(bucket_bytes, only_changed) if self.rank == 0 else []
 
@@ -304,6 +277,3 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
         restore_rng_state(state["rng"])
         self.steps_done = state["steps_done"]
         return self.steps_done
-
-
-FSDPLearner = ray.remote(FSDPLearnerImpl)

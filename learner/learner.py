@@ -29,15 +29,11 @@ not in the loss.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import ray
 import torch
 
 from posttrain.algorithms.kl import kl_estimate
@@ -50,36 +46,17 @@ from posttrain.algorithms.reduction import reduce_loss
 from posttrain.learner.batch import TrainBatch, batch_to, select_rows
 from posttrain.models.loading import load_model, load_tokenizer
 from posttrain.models.logprobs import completion_logits, logprobs_from_logits, token_logprobs
-from posttrain.models.lora import LoraSettings, apply_lora, full_precision_copy, merged_state_dict, save_merged
+from posttrain.models.lora import apply_lora, full_precision_copy, merged_state_dict, save_merged
 from posttrain.models.lora_adapter import LoraAdapter, lora_adapter
-from posttrain.rollout.weight_sync import WeightSender
-
-
-@dataclass
-class OptimizerSettings:
-    """What every trained actor (policy learner, PPO critic) takes from the recipe: the checkpoint, LoRA/QLoRA, AdamW
-    and its schedule, micro-batches, epochs x mini-batches (kept flat so actors do not depend on the config schema)."""
-
-    model_path: str
-    dtype: str = "float32"
-    lora: LoraSettings | None = None
-    quantize: str = "none"
-    """QLoRA: "nf4" / "fp4" holds the base's linear layers in 4 bits (needs `lora`); the engines get the dequantized
-    weights (`models.lora`), the final folder the adapter merged into the full-precision base"""
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    """in optimizer steps"""
-    total_steps: int = 1
-    """in optimizer steps"""
-    max_grad_norm: float = 1.0
-    micro_batch_size: int = 8
-    epochs_per_batch: int = 1
-    mini_batches: int = 1
-    seed: int = 0
-    num_threads: int | None = None
+from posttrain.models.training import (
+    OptimizerSettings,
+    Stats,
+    make_optimizer,
+    mini_batch_bounds,
+    restore_training_state,
+    rng_state,
+)
+from posttrain.rollout.weight_sender import WeightSender
 
 
 @dataclass
@@ -114,62 +91,6 @@ class LearnerSettings(OptimizerSettings):
     during training (rollout.sleep_level) need that memory when they wake"""
 
 
-def make_optimizer(params: list[torch.nn.Parameter], s: OptimizerSettings):
-    """AdamW over `params` and its LR schedule (stepped once per optimizer step): (optimizer, scheduler)."""
-    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_lambda(i, s.warmup_steps, s.total_steps, s.lr_schedule)
-    )
-    return optimizer, scheduler
-
-
-def mini_batch_bounds(num_rows: int, mini_batches: int) -> list[int]:
-    """Row bounds `[0, ..., num_rows]` of `mini_batches` near-equal mini-batches (fewer when rows are fewer)."""
-    return [int(b) for b in np.linspace(0, num_rows, min(mini_batches, num_rows) + 1).round()]
-
-
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """LR multiplier for optimizer step `step` (0-based): linear warmup, then constant / linear / cosine decay."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"unknown lr_schedule {schedule!r}; allowed: constant, linear, cosine")
-
-
-class _Stats:
-    """Running metrics of one `train_step`: sums, token-weighted means, min/max."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.weighted: dict[str, list[tuple[float, float]]] = {}  # name -> [(masked mean, weight)]
-        self.low: dict[str, float] = {}
-        self.high: dict[str, float] = {}
-
-    def add(self, name: str, value: float) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + value
-
-    def mean(self, name: str, value: float, weight: float) -> None:
-        self.weighted.setdefault(name, []).append((value, weight))
-
-    def extremes(self, name: str, low: float, high: float) -> None:
-        self.low[name] = min(self.low.get(name, math.inf), low)
-        self.high[name] = max(self.high.get(name, -math.inf), high)
-
-    def result(self, updates: int) -> dict[str, float]:
-        metrics = {name: total / updates for name, total in self.sums.items()}  # per-update means
-        for name, pairs in self.weighted.items():
-            metrics[name] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
-        metrics.update({f"{name}/min": v for name, v in self.low.items()})
-        metrics.update({f"{name}/max": v for name, v in self.high.items()})
-        return metrics
-
-
 LOSSES = ("policy", "sft", "opd_reverse_kl", "opd_jsd")
 MAIN_LOSS_NAMES = {"policy": "pg_loss", "sft": "sft_loss", "opd_reverse_kl": "pg_loss", "opd_jsd": "jsd_loss"}
 
@@ -178,7 +99,7 @@ class LearnerImpl(WeightSender):
     """Holds the policy and optimizer. Methods are the actor's RPC surface; see `Learner`."""
 
     def __init__(self, settings: LearnerSettings, teacher=None):
-        """`teacher`: the `learner.teacher.Teacher` actor (or an in-process `TeacherImpl`) `opd_jsd` asks for logits."""
+        """`teacher`: the `Teacher` actor or an in-process `TeacherImpl`, which `opd_jsd` asks for logits."""
         self.settings = s = settings
         if s.loss not in LOSSES:
             raise ValueError(f"LearnerSettings.loss: unknown {s.loss!r}; allowed: {', '.join(LOSSES)}")
@@ -264,7 +185,7 @@ class LearnerImpl(WeightSender):
                 ref_logprobs_BC=ref_BC if need_ref else batch.ref_logprobs_BC,
             )
         batch = batch_to(batch, self.device)
-        stats = _Stats()
+        stats = Stats()
         first_lr = self.scheduler.get_last_lr()[0]
         if mini_bounds is None:
             mini_bounds = mini_batch_bounds(len(batch), s.mini_batches)
@@ -285,7 +206,7 @@ class LearnerImpl(WeightSender):
             torch.cuda.empty_cache()
         return metrics
 
-    def _update(self, batch: TrainBatch, stats: _Stats) -> int:
+    def _update(self, batch: TrainBatch, stats: Stats) -> int:
         """One optimizer step over `batch`, in micro-batches; returns 1, or 0 if it has no loss tokens."""
         s = self.settings
         # normalisers of the whole optimizer step (on all data-parallel ranks), so micro-batch losses sum to the
@@ -310,7 +231,7 @@ class LearnerImpl(WeightSender):
         self.steps_done += 1
         return 1
 
-    def _micro_batch_backward(self, mb: TrainBatch, norm: dict, stats: _Stats) -> None:
+    def _micro_batch_backward(self, mb: TrainBatch, norm: dict, stats: Stats) -> None:
         """Loss of one micro-batch (its share of the step's loss), backward, and its metrics into `stats`."""
         s = self.settings
         mask = mb.loss_mask_BC
@@ -338,7 +259,7 @@ class LearnerImpl(WeightSender):
         lp_diff = (lp.detach() - mb.sampler_logprobs_BC).abs()
         stats.mean("rollout/logprob_diff", float(masked_mean(lp_diff, mask)), weight)
 
-    def _policy_loss(self, mb: TrainBatch, lp: torch.Tensor, norm: dict, stats: _Stats) -> torch.Tensor:
+    def _policy_loss(self, mb: TrainBatch, lp: torch.Tensor, norm: dict, stats: Stats) -> torch.Tensor:
         """The reduced clipped surrogate of one micro-batch; its advantages as `settings.loss` says."""
         s, mask = self.settings, mb.loss_mask_BC
         weight = float(mask.sum())
@@ -362,16 +283,13 @@ class LearnerImpl(WeightSender):
         stats.extremes("ratio", pg["ratio/min"], pg["ratio/max"])
         return reduce_loss(per_token, mask, s.loss_reduction, **norm)
 
-    def _jsd_loss(self, mb: TrainBatch, norm: dict, stats: _Stats):
+    def _jsd_loss(self, mb: TrainBatch, norm: dict, stats: Stats):
         """(lp [B, C], entropy [B, C], reduced loss) of one micro-batch under `opd_jsd`: the generalised JSD between
         the student's and the teacher's full next-token distributions at each completion position (one student
         forward with gradient; the teacher's logits fetched for this micro-batch only)."""
         s, mask = self.settings, mb.loss_mask_BC
         weight = float(mask.sum())
-        if isinstance(self.teacher, ray.actor.ActorHandle):
-            teacher_BCV = ray.get(self.teacher.logits.remote(batch_to(mb, "cpu"))).float().to(self.device)
-        else:
-            teacher_BCV = self.teacher.logits(mb).float().to(self.device)
+        teacher_BCV = self._teacher_logits(mb).float().to(self.device)
         P = mb.prompt_width
         logits_BCV = completion_logits(self.model, mb.input_ids_BT, mb.attention_mask_BT, P)  # with gradient
         targets_BC, valid_BC = mb.input_ids_BT[:, P:], mb.attention_mask_BT[:, P:]
@@ -390,6 +308,16 @@ class LearnerImpl(WeightSender):
             main = main + self._policy_loss(mb, lp, norm, stats)
         return lp, entropy, main
 
+    def _teacher_logits(self, mb: TrainBatch) -> torch.Tensor:
+        """The teacher's logits of one micro-batch: from the Teacher actor, or from an in-process `TeacherImpl`."""
+        if not hasattr(self.teacher.logits, "remote"):
+            return self.teacher.logits(mb)
+        # A Ray actor handle (its methods have `.remote`): ray is imported here, on the actor path only, so that this
+        # module imports where ray is not installed (`tests/test_layering.py`).
+        import ray
+
+        return ray.get(self.teacher.logits.remote(batch_to(mb, "cpu")))
+
     # ------------------------------------------------------------------------------------------- data parallel
     # One learner: identities. `learner/data_parallel.py`'s ranks override them with collectives over their group.
 
@@ -400,7 +328,7 @@ class LearnerImpl(WeightSender):
     def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the gradients over the data-parallel ranks (each rank's loss is its share of the step's loss)."""
 
-    def _reduce_stats(self, stats: _Stats) -> _Stats:
+    def _reduce_stats(self, stats: Stats) -> Stats:
         """The running metrics of all data-parallel ranks as one."""
         return stats
 
@@ -434,7 +362,7 @@ class LearnerImpl(WeightSender):
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "steps_done": self.steps_done,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
         }
         torch.save(state, out / "learner.pt.tmp")
         os.replace(out / "learner.pt.tmp", out / "learner.pt")
@@ -455,28 +383,3 @@ class LearnerImpl(WeightSender):
     @staticmethod
     def _read_checkpoint(ckpt_dir: str) -> dict:
         return torch.load(Path(ckpt_dir) / "learner.pt", weights_only=False, map_location="cpu")
-
-
-Learner = ray.remote(LearnerImpl)
-
-
-def restore_training_state(state: dict, model, optimizer, scheduler, where: str | Path) -> None:
-    """Load a checkpoint's `trainable` tensors, optimizer, scheduler and RNG states (torch, numpy, python) into a
-    live model and optimizer; shared by the learner actor and the offline trainer."""
-    params = dict(model.named_parameters())
-    unknown = [n for n in state["trainable"] if n not in params]
-    if unknown:
-        raise ValueError(f"checkpoint {where} does not match the model: unknown parameters {unknown[:3]}")
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    restore_rng_state(state["rng"])
-
-
-def restore_rng_state(rng: dict) -> None:
-    """The torch, numpy and python RNG states a checkpoint saved."""
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])

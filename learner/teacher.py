@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import ray
 import torch
 
 from posttrain.learner.batch import TrainBatch
@@ -107,14 +106,3 @@ class TeacherImpl:
             batch.prompt_width,
         )
         return logits_BCV[..., : self.vocab_size].to(self.model.dtype).cpu()
-
-
-Teacher = ray.remote(TeacherImpl)
-
-
-def start_teacher(settings: TeacherSettings):
-    """The teacher actor (one GPU when Ray has one to give, else CPU with all cores), loaded and ready."""
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and settings.device != "cpu" else 0
-    teacher = Teacher.options(num_cpus=0, num_gpus=gpus).remote(settings)
-    ray.get(teacher.ready.remote())
-    return teacher

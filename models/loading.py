@@ -8,10 +8,14 @@ so it is tokenized with `tokenizer(text, add_special_tokens=False)`; never let t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from posttrain.models.locations import check_hub_model, check_model_path
+
+if TYPE_CHECKING:  # transformers is imported inside the functions that use it
+    from transformers import GenerationConfig
 
 DEMO_MODEL_ALIASES = ("smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
 
@@ -172,3 +176,16 @@ def default_bos(tokenizer) -> str | None:
         return None
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     return tokenizer.bos_token if with_special and with_special[0] == tokenizer.bos_token_id else None
+
+
+def eos_token_ids(tokenizer, generation_config: GenerationConfig) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config lists (chat models often end on several): where
+    both rollout engines stop."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    configured = generation_config.eos_token_id
+    for token in [configured] if isinstance(configured, int) else configured or []:
+        if token not in ids:
+            ids.append(token)
+    if not ids:
+        raise ValueError("the model defines no EOS token; generation could only stop at max_new_tokens")
+    return ids

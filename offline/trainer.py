@@ -3,7 +3,7 @@
 One loop for every method: each optimizer step takes `train.batch_size` rows in the resumable order of
 `data.sources.batch_indices` (a fresh seeded shuffle per epoch), splits them into micro-batches of
 `train.micro_batch_size`, accumulates gradients, clips by global norm and steps AdamW with the learner's LR schedule
-(`learner.learner.lr_lambda`: the same optimizer, schedule and clipping conventions as online training). The run folder
+(`models.training.lr_lambda`: the same optimizer, schedule and clipping conventions as online training). The run folder
 is the one GRPO leaves: config.yaml, metrics.jsonl, TensorBoard, checkpoints/step-N, final/, curves.png.
 
 The methods' math is in `algorithms/losses/` and the batching in `offline/objectives.py`. Reference model for DPO:
@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from posttrain.config import ConfigError, RecipeConfig
 from posttrain.data.sources import batch_indices
-from posttrain.learner.learner import lr_lambda, restore_training_state
 from posttrain.models.loading import (
     keep_4bit_layout,
     load_model,
@@ -38,6 +35,7 @@ from posttrain.models.loading import (
 )
 from posttrain.models.lora import LoraSettings, apply_lora, save_merged
 from posttrain.models.lora import full_precision_copy as lora_full_precision_copy
+from posttrain.models.training import lr_lambda, restore_training_state, rng_state
 from posttrain.offline import objectives as obj
 from posttrain.offline.data import ChatTokenizer, preference_pairs, sft_sequences
 from posttrain.run_folder.report import plot_curves, summary_table
@@ -262,7 +260,7 @@ class OfflineTrainer:
             "trainable": trainable,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
         }
         torch.save(state, staging / "trainer.pt")
         trainer_state = {"step": step, "data_position": step * self.cfg.train.batch_size, "seed": self.cfg.seed}

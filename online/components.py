@@ -12,8 +12,8 @@ import ray
 
 from posttrain.config import RecipeConfig
 from posttrain.data.sources import load_rows
-from posttrain.learner.data_parallel import LearnerGroup
-from posttrain.learner.learner import Learner, LearnerSettings
+from posttrain.learner.actors import Learner, LearnerGroup
+from posttrain.learner.learner import LearnerSettings
 from posttrain.models.loading import format_prompt, load_tokenizer, resolve_model_path
 from posttrain.models.lora import LoraSettings
 from posttrain.online.placement import Placement

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 from typing import Any
 
+from posttrain.config import RecipeConfig
+from posttrain.online import components
 from posttrain.rewards.combine import trl_completion
-from posttrain.rewards.workers import Scorer
+from posttrain.rewards.workers import LocalScorer, Scorer
+from posttrain.rollout.hf_engine import HFEngine
 from posttrain.rollout.types import PromptResult, SamplingParams
 
 
@@ -69,3 +74,34 @@ def score_eval(
 def eval_params(n: int, temperature: float, max_new_tokens: int, stop: list[str], seed: int) -> SamplingParams:
     """Sampling parameters of an evaluation (temperature 0 = greedy)."""
     return SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed)
+
+
+def evaluate_recipe(cfg: RecipeConfig) -> dict:
+    """Evaluate `cfg.model` on `cfg.eval.data` in this process (no Ray needed) with the recipe's rewards: what
+    `posttrain eval` prints and the distill pipeline records before and after the student's SFT."""
+    specs = components.load_reward_specs(cfg)
+    _, rows = components.load_data(cfg)
+    model_path = components.model_path_of(cfg)
+    fmt = components.PromptFormatter(cfg, model_path)
+    engine = HFEngine(
+        model_path,
+        dtype=cfg.model.dtype,
+        max_batch_size=cfg.rollout.max_batch_size,
+        num_threads=cfg.rollout.num_threads or os.cpu_count(),
+    )
+    e, r = cfg.eval, cfg.rollout
+    params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, cfg.seed)
+    start = time.perf_counter()
+    results = engine.generate(fmt(rows), params)
+    metrics, records = score_eval(
+        rows, results, LocalScorer(specs), components.accuracy_reward_name(cfg), cfg.algorithm.on_reward_error
+    )
+    metrics["time/eval"] = time.perf_counter() - start
+    return {
+        "model": cfg.model.path,
+        "num_prompts": len(rows),
+        "n": e.n,
+        "temperature": e.temperature,
+        "metrics": metrics,
+        "samples": records,
+    }

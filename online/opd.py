@@ -23,8 +23,9 @@ from posttrain.algorithms.advantages import group_relative_advantages
 from posttrain.algorithms.masked import masked_mean
 from posttrain.config import RecipeConfig
 from posttrain.data.types import Sample
+from posttrain.learner.actors import start_teacher
 from posttrain.learner.batch import TrainBatch, collate
-from posttrain.learner.teacher import TeacherSettings, check_same_tokenizer, start_teacher
+from posttrain.learner.teacher import TeacherSettings, check_same_tokenizer
 from posttrain.models.loading import resolve_model_path
 
 

@@ -22,9 +22,10 @@ from posttrain.algorithms.kl import kl_estimate
 from posttrain.algorithms.masked import masked_mean
 from posttrain.config import RecipeConfig
 from posttrain.data.types import Sample
+from posttrain.learner.actors import Critic
 from posttrain.learner.batch import TrainBatch, collate
-from posttrain.learner.critic import Critic, CriticSettings
-from posttrain.learner.learner import OptimizerSettings
+from posttrain.learner.critic import CriticSettings
+from posttrain.models.training import OptimizerSettings
 from posttrain.online import components
 
 

@@ -7,31 +7,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from posttrain.rewards.code import code_tests  # imports `completion_text` from here lazily: no import cycle
-from posttrain.rewards.reward_model import reward_model  # likewise
+from posttrain.rewards.code import code_tests
+from posttrain.rewards.combine import completion_text
+from posttrain.rewards.reward_model import reward_model
 from posttrain.rewards.shaping import length_penalty, overlong_penalty
 from posttrain.verifiers.math import boxed_contents, verify_many
 
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 _ANSWER_BLOCK_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: the string itself, or the content of the last assistant message of a chat.
-
-    Chat content given as a list of parts (`[{"type": "text", "text": ...}]`) has its text parts joined.
-    """
-    if isinstance(completion, str):
-        return completion
-    messages = [m for m in completion if isinstance(m, dict)]
-    assistant = [m for m in messages if m.get("role") == "assistant"] or messages
-    if not assistant:
-        return ""
-    content = assistant[-1].get("content") or ""
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content)
 
 
 def _gold_answers(answer: list | None, kwargs: dict[str, Any], batch_size: int) -> list:

@@ -10,6 +10,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from posttrain.rewards.combine import completion_text
 from posttrain.verifiers.code import run_assert_tests, run_io_tests
 
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -82,8 +83,6 @@ def code_tests(
     Dataset columns: `tests` (assert-style test code: a `check(candidate)` called with `entry_point`, or bare
     asserts) and/or `io_cases` (a list of (stdin, expected stdout) pairs, or {"input", "output"} dicts).
     """
-    from posttrain.rewards.builtin import completion_text
-
     n = len(completions)
     tests_col, entry_col, io_col = (
         _column(tests, n, "tests"),

@@ -162,6 +162,24 @@ def trl_completion(prompt: Any, text: str) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
+def completion_text(completion: Any) -> str:
+    """The text of a completion (`trl_completion`'s inverse, for reward functions): the string itself, or the content
+    of the last assistant message of a chat.
+
+    Chat content given as a list of parts (`[{"type": "text", "text": ...}]`) has its text parts joined.
+    """
+    if isinstance(completion, str):
+        return completion
+    messages = [m for m in completion if isinstance(m, dict)]
+    assistant = [m for m in messages if m.get("role") == "assistant"] or messages
+    if not assistant:
+        return ""
+    content = assistant[-1].get("content") or ""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
 @dataclass
 class PartialScores:
     """Each function's values on a batch and the failures pinned to samples, before combining: what a reward

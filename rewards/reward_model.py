@@ -23,6 +23,8 @@ import hashlib
 import os
 from typing import Any
 
+from posttrain.rewards.combine import completion_text
+
 _ACTOR_PREFIX = "posttrain-reward-model-"
 
 
@@ -141,8 +143,6 @@ def reward_model(
     """The reward model's score (its single logit) for each completion; `model` is its folder."""
     import ray
     from ray.exceptions import RayActorError
-
-    from posttrain.rewards.builtin import completion_text
 
     texts = [completion_text(c) for c in completions]
     path = os.path.abspath(model) if os.path.isdir(model) else model

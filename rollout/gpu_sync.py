@@ -1,6 +1,6 @@
 """GPU transports of the weight sync: a broadcast group from learner rank 0 to the engines, and CUDA IPC handles.
 
-Both send the same buckets as the object store (`rollout/weight_sync.py`: `bucketize`, `bucket_specs`, `pack_into`)
+Both send the same buckets as the object store (`rollout/buckets.py`: `bucketize`, `bucket_specs`, `pack_into`)
 and load them through the engine's `load_weights` (partial state dicts in plain HF names).
 
 - Broadcast (`rollout.sync_transport: nccl`): the learner (rank 0) and the N workers (ranks 1..N) form their own
@@ -26,17 +26,19 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
-import ray
 import torch
 import torch.distributed as dist
 
-from posttrain.rollout.weight_sync import TensorSpec, bucket_specs, bucketize, pack_into, unpack_bucket
+from posttrain.rollout.buckets import TensorSpec, bucket_specs, bucketize, pack_into, unpack_bucket
 
 BACKENDS = ("nccl", "gloo")
 
 
 def free_address() -> tuple[str, int]:
-    """(this node's IP as Ray sees it, a TCP port free right now) for a rendezvous store."""
+    """(this node's IP as Ray sees it, a TCP port free right now) for a rendezvous store (the weight broadcast group's,
+    the data-parallel learners')."""
+    import ray  # here, not at the top: only actors call this, and the learner classes import without ray
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         port = sock.getsockname()[1]

@@ -30,7 +30,7 @@ from transformers import (
     StopStringCriteria,
 )
 
-from posttrain.models.loading import load_model, load_tokenizer
+from posttrain.models.loading import eos_token_ids, load_model, load_tokenizer
 from posttrain.rollout.engine import (
     InferenceEngine,
     Prompts,
@@ -69,7 +69,7 @@ class HFEngine(InferenceEngine):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._tokenizer = load_tokenizer(str(model_path), padding_side="left")
         self.model = load_model(str(model_path), dtype=dtype).to(self.device).eval()
-        self.eos_token_ids = _eos_token_ids(self._tokenizer, self.model.generation_config)
+        self.eos_token_ids = eos_token_ids(self._tokenizer, self.model.generation_config)
         self.pad_token_id = self._tokenizer.pad_token_id
         self.model.generation_config = GenerationConfig(
             bos_token_id=self._tokenizer.bos_token_id, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id
@@ -263,18 +263,6 @@ def _left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Ten
         input_ids_BP[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask_BP[row, width - len(ids) :] = 1
     return input_ids_BP, attention_mask_BP
-
-
-def _eos_token_ids(tokenizer, generation_config: GenerationConfig) -> list[int]:
-    """The tokenizer's EOS plus any the model's generation config lists (chat models often end on several)."""
-    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    configured = generation_config.eos_token_id
-    for token in [configured] if isinstance(configured, int) else configured or []:
-        if token not in ids:
-            ids.append(token)
-    if not ids:
-        raise ValueError("the model defines no EOS token; generation could only stop at max_new_tokens")
-    return ids
 
 
 @contextlib.contextmanager

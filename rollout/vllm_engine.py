@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posttrain.models.loading import load_tokenizer, resolve_model_path, torch_dtype
+from posttrain.models.loading import eos_token_ids, load_tokenizer, resolve_model_path, torch_dtype
 from posttrain.models.lora_adapter import LoraAdapter
 from posttrain.rollout.engine import (
     SLEEP_TAGS,
@@ -393,13 +393,11 @@ def _eos_token_ids(path: str, tokenizer) -> list[int]:
     """The tokenizer's EOS plus any the model's generation config lists (as the `hf` engine stops)."""
     from transformers import GenerationConfig
 
-    from posttrain.rollout.hf_engine import _eos_token_ids as hf_eos_token_ids
-
     try:
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json
         generation_config = GenerationConfig()
-    return hf_eos_token_ids(tokenizer, generation_config)
+    return eos_token_ids(tokenizer, generation_config)
 
 
 def _check_adapter(adapter: LoraAdapter, shapes: Mapping[str, torch.Size], max_rank: int) -> None:

@@ -13,159 +13,29 @@ the refs at the end); the learner holds its model plus one bucket; each worker i
 Every wait is bounded (`sync_weights(timeout_s=...)`): a dead or hung worker, or a learner that does not produce
 its buckets, raises `WeightSyncError` naming what did not finish and after how long, never hangs.
 GPU transports (NCCL broadcast, CUDA IPC) reuse the same buckets: `rollout/gpu_sync.py`.
+
+Where the pieces live: the packing in `rollout/buckets.py` (no Ray); the learner's end of every transport in
+`rollout/weight_sender.py` (importable without Ray); here the workers' end (`WeightReceiver`) and the driver.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
-import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-import numpy as np
 import ray
-import torch
+
+from posttrain.rollout.buckets import TensorSpec, unpack_bucket
+from posttrain.rollout.gpu_sync import BroadcastGroup, load_ipc_bucket
 
 TRANSPORTS = ("object_store", "nccl", "cuda_ipc")
-ALIGN = 64
-"""byte alignment of every tensor inside a bucket (any dtype can be viewed at such an offset)"""
 
 
 class WeightSyncError(RuntimeError):
     """A weight sync failed or could not finish in time; the message names the part and the seconds waited."""
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Where one tensor lives inside a bucket's flat byte buffer."""
-
-    name: str
-    dtype: str
-    """torch dtype name without the `torch.` prefix, e.g. "float32", "bfloat16\""""
-    shape: tuple[int, ...]
-    offset: int
-    """byte offset into the bucket (a multiple of ALIGN)"""
-    nbytes: int
-
-
-def tensor_nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def bucketize(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group tensors, in order, into consecutive buckets of at most `bucket_bytes` (aligned) bytes each.
-
-    Greedy: a tensor joins the current bucket unless that would push it past `bucket_bytes`; then the bucket is
-    closed and a new one starts. A tensor larger than `bucket_bytes` on its own gets a bucket to itself (a bucket is
-    never empty, a tensor never split). Lazy: the input is consumed one bucket ahead, so a generator of freshly
-    computed tensors (LoRA merges) holds at most one bucket of them at once.
-    """
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    used = 0
-    for name, tensor in named_tensors:
-        size = _aligned(tensor_nbytes(tensor))
-        if bucket and used + size > bucket_bytes:
-            yield bucket
-            bucket, used = [], 0
-        bucket.append((name, tensor))
-        used += size
-    if bucket:
-        yield bucket
-
-
-def skip_tied(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Drop a tensor that is the very same memory as one already passed on (same storage, address, dtype, shape,
-    strides): tied weights, e.g. `lm_head.weight` that is `model.embed_tokens.weight` (SmolLM2, Qwen2.5-0.5B). The
-    receiving model, built from the same checkpoint, ties them too, so loading one updates both; vLLM skips the tied
-    head.
-
-    An address identifies memory only while that memory is alive: a LoRA-merged (or dequantized QLoRA) copy that was
-    packed and dropped frees its address for the next copy, which must not be taken for a "tie" (that once lost a
-    whole layer's update, intermittently). So a tie also needs the earlier tensor's storage to be alive and to be the
-    very storage of this tensor; only a weak reference to it is kept (torch keeps one Python object per live storage),
-    so the copies are freed as the walk goes and a sync never holds more than its bucket."""
-    seen: dict[tuple, weakref.ref] = {}
-    for name, tensor in named_tensors:
-        storage = tensor.untyped_storage()
-        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-        if tensor.numel() and key in seen and seen[key]() is storage:
-            continue
-        seen[key] = weakref.ref(storage)
-        yield name, tensor
-
-
-def bucket_specs(bucket: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[TensorSpec], int]:
-    """Where each tensor of `bucket` goes in a flat buffer, and the buffer's size in bytes."""
-    specs, offset = [], 0
-    for name, tensor in bucket:
-        nbytes = tensor_nbytes(tensor)
-        specs.append(TensorSpec(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset, nbytes))
-        offset += _aligned(nbytes)
-    return specs, offset
-
-
-def pack_into(bucket: Sequence[tuple[str, torch.Tensor]], specs: Sequence[TensorSpec], flat: torch.Tensor) -> None:
-    """Copy each tensor (any device, dtype, layout) into its place in the flat uint8 tensor `flat`."""
-    with torch.no_grad():
-        for spec, (_, tensor) in zip(specs, bucket, strict=True):
-            _view(flat, spec).copy_(tensor.detach())
-
-
-def pack_bucket(bucket: Sequence[tuple[str, torch.Tensor]]) -> tuple[list[TensorSpec], np.ndarray]:
-    """Copy the tensors into one flat uint8 CPU buffer; returns (specs, buffer).
-
-    A numpy buffer (not a torch tensor) because Ray stores numpy arrays out of band: a worker's `ray.get` then maps
-    the object store's memory instead of unpickling a copy.
-    """
-    specs, size = bucket_specs(bucket)
-    buffer = np.empty(size, dtype=np.uint8)
-    pack_into(bucket, specs, torch.from_numpy(buffer))
-    return specs, buffer
-
-
-def unpack_bucket(specs: Sequence[TensorSpec], buffer: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
-    """The bucket's tensors by name, as views into `buffer` (no copy; read-only when the buffer is)."""
-    flat = buffer if isinstance(buffer, torch.Tensor) else _as_uint8_tensor(buffer)
-    end = max((s.offset + s.nbytes for s in specs), default=0)
-    if flat.numel() < end:
-        raise ValueError(f"weight bucket holds {flat.numel()} bytes but its specs need {end}")
-    return {spec.name: _view(flat, spec) for spec in specs}
-
-
-def _view(flat_uint8: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    dtype = getattr(torch, spec.dtype)
-    return flat_uint8[spec.offset : spec.offset + spec.nbytes].view(dtype).view(spec.shape)
-
-
-def _as_uint8_tensor(buffer: np.ndarray) -> torch.Tensor:
-    # Object-store arrays are read-only and torch warns that writing to them would be undefined; nothing here writes.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(buffer)
-
-
-# --------------------------------------------------------------------------------- object store: both ends
-
-
-def put_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[ray.ObjectRef]:
-    """Learner side: pack and `ray.put` one bucket at a time; returns one ref per bucket, in order.
-
-    Each object is `(specs, buffer)`. Call it inside the learner actor: the refs it returns are owned there.
-    """
-    refs = []
-    for bucket in bucketize(named_tensors, bucket_bytes):
-        refs.append(ray.put(pack_bucket(bucket)))
-        del bucket  # drop this bucket's tensors (LoRA merges) before packing the next
-    return refs
+# --------------------------------------------------------------------------------- object store: the workers' end
 
 
 def load_buckets(engine, refs: Sequence[ray.ObjectRef], timeout_s: float) -> dict[str, float]:
@@ -191,49 +61,7 @@ def load_buckets(engine, refs: Sequence[ray.ObjectRef], timeout_s: float) -> dic
     return {"buckets": float(len(refs)), "bytes": float(total), "seconds": time.perf_counter() - start}
 
 
-# --------------------------------------------------------------------------------- the two ends, as mixins
-
-
-class WeightSender:
-    """The learner's side of every transport (mixed into `learner.learner.LearnerImpl`; needs `self.model`)."""
-
-    def sync_tensors(self, only_changed: bool) -> Iterator[tuple[str, torch.Tensor]]:
-        """What a sync sends: plain-named tensors, LoRA merged (only the adapted layers with `only_changed`)."""
-        from posttrain.models.lora import iter_merged_tensors
-
-        return skip_tied(iter_merged_tensors(self.model, only_lora_targets=only_changed))
-
-    def put_weight_buckets(self, bucket_bytes: int, only_changed: bool = True) -> list[ray.ObjectRef]:
-        """Object store: pack and `ray.put` the buckets one at a time (no full copy held here); their refs, in order."""
-        return put_buckets(self.sync_tensors(only_changed), bucket_bytes)
-
-    def weight_group_address(self) -> tuple[str, int]:
-        """Collective transports: (this node's IP, a free port) for the group's rendezvous store, hosted here."""
-        from posttrain.rollout.gpu_sync import free_address
-
-        return free_address()
-
-    def join_weight_group(self, address: tuple[str, int], world_size: int, backend: str, timeout_s: float) -> None:
-        """Collective transports: become rank 0 of the broadcast group (the workers are ranks 1..world_size-1)."""
-        from posttrain.rollout.gpu_sync import BroadcastGroup
-
-        self._weight_group = BroadcastGroup(address, 0, world_size, backend, timeout_s)
-
-    def broadcast_weights(self, bucket_bytes: int, only_changed: bool = True) -> dict[str, float]:
-        """Collective transports: broadcast every bucket to the group (see `gpu_sync.BroadcastGroup.send`)."""
-        return self._weight_group.send(self.sync_tensors(only_changed), bucket_bytes)
-
-    def next_ipc_bucket(self, bucket_bytes: int, only_changed: bool = True, restart: bool = False):
-        """CUDA IPC: the next bucket packed on this GPU as (specs, IPC handle), or None after the last one. The buffer
-        stays alive until the next call, so the workers must have loaded it by then (the driver waits for them)."""
-        from posttrain.rollout.gpu_sync import IpcSender
-
-        if restart or getattr(self, "_ipc_sender", None) is None:
-            self._ipc_sender = IpcSender(self.sync_tensors(only_changed), bucket_bytes)
-        item = self._ipc_sender.next()
-        if item is None:
-            self._ipc_sender = None
-        return item
+# --------------------------------------------------------------------------------- the workers' end, as a mixin
 
 
 class WeightReceiver:
@@ -247,8 +75,6 @@ class WeightReceiver:
         self, address: tuple[str, int], rank: int, world_size: int, backend: str, timeout_s: float
     ) -> None:
         """Collective transports: become `rank` (>= 1) of the learner's broadcast group."""
-        from posttrain.rollout.gpu_sync import BroadcastGroup
-
         self._weight_group = BroadcastGroup(address, rank, world_size, backend, timeout_s)
 
     def receive_weights(self) -> dict[str, float]:
@@ -257,8 +83,6 @@ class WeightReceiver:
 
     def load_ipc_bucket(self, specs: Sequence[TensorSpec], handle) -> dict[str, float]:
         """CUDA IPC: load one bucket straight from the learner's GPU memory."""
-        from posttrain.rollout.gpu_sync import load_ipc_bucket
-
         return load_ipc_bucket(self.engine, specs, handle)
 
 

@@ -14,11 +14,13 @@ import torch
 
 from posttrain.config import validate_config
 from posttrain.data.types import Sample
+from posttrain.learner.actors import DataParallelLearner, LearnerGroup
 from posttrain.learner.batch import collate, select_rows
-from posttrain.learner.data_parallel import DataParallelLearner, LearnerGroup, merge_stats, shard_plan
-from posttrain.learner.learner import LearnerImpl, LearnerSettings, _Stats
+from posttrain.learner.data_parallel import merge_stats, shard_plan
+from posttrain.learner.learner import LearnerImpl, LearnerSettings
 from posttrain.models.lora import LoraSettings, merged_state_dict
 from posttrain.models.tiny import tiny_model_path
+from posttrain.models.training import Stats
 from posttrain.online.trainer import OnlineTrainer
 from posttrain.run_folder.run_dir import read_metrics
 
@@ -99,7 +101,7 @@ def test_shard_plan_cuts_each_global_mini_batch_across_ranks():
 
 
 def test_merge_stats_pools_weighted_means_and_keeps_replicated_sums():
-    a, b = _Stats(), _Stats()
+    a, b = Stats(), Stats()
     a.add("loss", 0.25), b.add("loss", 0.5)  # shares of one step's loss: they add
     a.add("grad_norm", 2.0), b.add("grad_norm", 2.0)  # the same after the all-reduce: not doubled
     a.mean("entropy", 1.0, 3.0), b.mean("entropy", 2.0, 1.0)  # token-weighted: (3*1 + 1*2) / 4

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from posttrain.config import validate_config
-from posttrain.learner.data_parallel import LearnerGroup
+from posttrain.learner.actors import LearnerGroup
 from posttrain.learner.fsdp import to_index_keyed, to_name_keyed
 from posttrain.learner.learner import LearnerImpl, LearnerSettings
 from posttrain.models.lora import LoraSettings, merged_state_dict

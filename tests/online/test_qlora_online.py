@@ -12,8 +12,8 @@ import torch
 
 from posttrain.config import validate_config
 from posttrain.data.types import Sample
+from posttrain.learner.actors import LearnerGroup
 from posttrain.learner.batch import collate
-from posttrain.learner.data_parallel import LearnerGroup
 from posttrain.learner.learner import LearnerImpl, LearnerSettings
 from posttrain.models.loading import load_model
 from posttrain.models.lora import LoraSettings, merged_state_dict

@@ -2,7 +2,8 @@
 
 import pytest
 
-from posttrain.rewards.builtin import completion_text, format_reward, math_accuracy
+from posttrain.rewards.builtin import format_reward, math_accuracy
+from posttrain.rewards.combine import completion_text
 
 
 def test_math_accuracy_on_text_completions():

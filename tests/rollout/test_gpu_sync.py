@@ -8,10 +8,12 @@ import torch
 
 pytest.importorskip("ray", reason="needs ray (the learner and rollout workers are Ray actors)")
 
-from posttrain.learner.learner import Learner, LearnerSettings
+from posttrain.learner.actors import Learner
+from posttrain.learner.learner import LearnerSettings
 from posttrain.models.loading import load_model
+from posttrain.rollout.buckets import TensorSpec
 from posttrain.rollout.gpu_sync import pickled_specs, unpickled_specs
-from posttrain.rollout.weight_sync import TensorSpec, WeightSync
+from posttrain.rollout.weight_sync import WeightSync
 from posttrain.rollout.worker import RolloutWorker
 
 

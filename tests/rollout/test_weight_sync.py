@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from posttrain.models.loading import load_model
-from posttrain.rollout.weight_sync import (
-    ALIGN,
-    WeightSync,
-    WeightSyncError,
-    bucketize,
-    pack_bucket,
-    skip_tied,
-    unpack_bucket,
-)
+from posttrain.rollout.buckets import ALIGN, bucketize, pack_bucket, skip_tied, unpack_bucket
+from posttrain.rollout.weight_sync import WeightSync, WeightSyncError
 from posttrain.rollout.worker import RolloutWorker, RolloutWorkerImpl
 
 
@@ -140,7 +133,8 @@ class SlowLoadingWorker(RolloutWorkerImpl):
 def test_object_store_sync_streams_buckets_into_every_worker(ray_session, model_path, other_model_path):
     """Learner weights (from another seed) reach two workers bitwise, in many small buckets."""
     ray = ray_session
-    from posttrain.learner.learner import Learner, LearnerSettings
+    from posttrain.learner.actors import Learner
+    from posttrain.learner.learner import LearnerSettings
 
     learner = Learner.remote(LearnerSettings(model_path=str(other_model_path), num_threads=1))
     workers = [RolloutWorker.remote(engine="hf", model_path=str(model_path), num_threads=1) for _ in range(2)]
@@ -167,7 +161,8 @@ def test_object_store_sync_streams_buckets_into_every_worker(ray_session, model_
 
 def test_a_hung_worker_fails_the_sync_naming_it_and_the_timeout(ray_session, model_path):
     ray = ray_session
-    from posttrain.learner.learner import Learner, LearnerSettings
+    from posttrain.learner.actors import Learner
+    from posttrain.learner.learner import LearnerSettings
 
     learner = Learner.remote(LearnerSettings(model_path=str(model_path), num_threads=1))
     good = RolloutWorker.remote(engine="hf", model_path=str(model_path), num_threads=1)

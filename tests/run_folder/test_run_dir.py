@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from posttrain.learner.learner import lr_lambda
+from posttrain.models.training import lr_lambda
 from posttrain.online.evaluation import pass_at_k
 from posttrain.run_folder.run_dir import (
     RunLogger,
