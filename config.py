@@ -732,7 +732,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-_SOURCES = {"arithmetic": ArithmeticSource, "file": FileSource, "hub": HubSource}
+SOURCES = {"arithmetic": ArithmeticSource, "file": FileSource, "hub": HubSource}
 
 
 def _walk(loc: list[str]) -> tuple[list[str], Any]:
@@ -740,8 +740,8 @@ def _walk(loc: list[str]) -> tuple[list[str], Any]:
     model: Any = RecipeConfig
     key: list[str] = []
     for part in loc:
-        if part in _SOURCES and key and key[-1] == "data":  # discriminated-union tag, not a key
-            model = _SOURCES[part]
+        if part in SOURCES and key and key[-1] == "data":  # discriminated-union tag, not a key
+            model = SOURCES[part]
             continue
         key.append(part)
         if part.isdigit() and model is not None:  # an item of a list of sections (e.g. rewards.0)
@@ -769,9 +769,9 @@ def _describe_error(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"missing required key `{key}`"
     if err["type"] == "union_tag_invalid":
-        return f"`{key}.kind`: unknown source {err['input'].get('kind')!r}; allowed: {', '.join(_SOURCES)}"
+        return f"`{key}.kind`: unknown source {err['input'].get('kind')!r}; allowed: {', '.join(SOURCES)}"
     if err["type"] == "union_tag_not_found":
-        return f"`{key}`: needs a `kind` key; allowed: {', '.join(_SOURCES)}"
+        return f"`{key}`: needs a `kind` key; allowed: {', '.join(SOURCES)}"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     msg = err["msg"]

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from posttrain.algorithms.registry import ALGORITHMS, readers
-from posttrain.config import _SOURCES, ConfigError, RecipeConfig
+from posttrain.config import SOURCES, ConfigError, RecipeConfig
 
 
 def _field(key: str) -> tuple[str, FieldInfo | None, list[type[BaseModel]]]:
@@ -71,7 +71,7 @@ def explain(key: str) -> str:
         lines.append("  allowed:")
         lines += [f"    {name} ({spec.family}): {spec.doc}" for name, spec in ALGORITHMS.items()]
     elif key == "data":
-        lines.append(f"  allowed kinds: {', '.join(_SOURCES)}")
+        lines.append(f"  allowed kinds: {', '.join(SOURCES)}")
     elif allowed := _allowed(field.annotation):
         lines.append(f"  allowed: {', '.join(map(str, allowed))}")
     by = readers(key)

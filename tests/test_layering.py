@@ -20,12 +20,16 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+BUILD_OUTPUT = {"build", "dist", "runs"}
+"""what installs and runs leave in the checkout (git-ignored): copies of the package, not modules of it"""
+
+
 def package_modules() -> dict[str, Path]:
     """Every module of the package by dotted name (`posttrain.learner.learner`)."""
     modules = {}
     for path in sorted(ROOT.rglob("*.py")):
         top = path.relative_to(ROOT).parts[0]
-        if top in NOT_PACKAGE or top.startswith("."):
+        if top in NOT_PACKAGE or top in BUILD_OUTPUT or top.startswith(".") or top.endswith(".egg-info"):
             continue
         modules[module_name(path)] = path
     return modules

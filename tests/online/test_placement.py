@@ -83,7 +83,7 @@ def test_config_refuses_impossible_placements(placement, message):
 
 
 def test_placement_is_for_online_algorithms_only():
-    with pytest.raises(ConfigError, match="placement: only online algorithms"):
+    with pytest.raises(ConfigError, match="placement: only algorithm.name=grpo or .* uses this section \\(got sft"):
         validate_config({**_recipe({"learners": 2}, algorithm="sft"), "data": {"kind": "file", "path": "x.jsonl"}})
     assert validate_config(_recipe({"learners": 2})).placement.learners == 2
 
