@@ -60,7 +60,7 @@ def _send(model, conn, proc, ctx: Context) -> str:
     there, else torch.multiprocessing sharing the whole state dict: CUDA IPC on a GPU, shared memory on CPU)."""
     try:
         from posttrain.rollout.gpu_sync import IpcSender
-        from posttrain.rollout.weight_sync import skip_tied
+        from posttrain.rollout.buckets import skip_tied
     except ImportError as err:
         reason = f"posttrain.rollout.gpu_sync does not import ({err})"
     else:

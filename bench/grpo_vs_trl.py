@@ -200,7 +200,7 @@ def main() -> None:
         print(f"{name:<6} steps [s]: {_fmt(r['step_s'])}   steady {steady:.1f} s{ratio}")
         for phase, values in r["phases"].items():
             print(f"{'':<6}   {phase:<15} {_fmt(values)}")
-        print(f"{'':<6}   reward/mean     {_fmt(r['reward'])}")
+        print(f"{'':<6}   reward/mean     " + " ".join("-" if v is None else f"{v:.3f}" for v in r["reward"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
