@@ -93,3 +93,6 @@ def code_tests(
             pool.submit(_score, programs[i], tests_col[i], entry_col[i], io_col[i], timeout, partial) for i in range(n)
         ]
         return [f.result() for f in futures]
+
+
+code_tests.required_columns = (("tests", "io_cases"),)  # checked against the dataset before any generation
