@@ -20,8 +20,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from posttrain.data.sources import DataError
     from posttrain.rewards.combine import RewardError
     from posttrain.rewards.loading import RewardLoadError
+    from posttrain.run_folder.run_dir import CheckpointError
 
-    return USER_ERRORS + (DataError, RewardError, RewardLoadError)
+    return USER_ERRORS + (DataError, RewardError, RewardLoadError, CheckpointError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -103,9 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like `parse_args`, but `key=value` overrides may come after options too (`eval R --model X eval.n=8`):
+    argparse ends a positional list at the first option and would refuse what follows."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except _user_errors() as err:

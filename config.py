@@ -275,6 +275,16 @@ class AlgorithmConfig(_Section):
             raise ValueError("algorithm.rft_min_reward: rft_keep=all needs a threshold (none would keep every sample)")
         return self
 
+    @model_validator(mode="after")
+    def _check_kl_estimator(self) -> AlgorithmConfig:
+        # k1 = lp - lp_ref has gradient grad(lp), whose expectation under the policy's own samples is exactly zero
+        if self.kl_coef > 0 and self.kl_in == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "algorithm.kl_estimator: k1 in the loss has an expected gradient of zero (the KL term would do "
+                "nothing); use k2 or k3 with kl_in: loss, or keep k1 with algorithm.kl_in: reward"
+            )
+        return self
+
 
 class TrainConfig(_Section):
     steps: int = Field(20, ge=1)
@@ -396,6 +406,15 @@ class EvalConfig(_Section):
     """default: rollout.max_new_tokens"""
     accuracy_reward: str | None = None
     """which reward (by log name) counts as accuracy: a sample is correct when it scores >= 1 (default: first)"""
+
+    @model_validator(mode="after")
+    def _check_samples(self) -> EvalConfig:
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(
+                f"eval.n: {self.n} greedy samples per problem (eval.temperature 0) are identical, so pass@k would "
+                "just repeat pass@1; set eval.temperature > 0 (e.g. eval.temperature=1.0) or eval.n=1"
+            )
+        return self
 
 
 class CheckpointConfig(_Section):
@@ -722,14 +741,20 @@ def _number_or_same(value: Any) -> Any:
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge `update` into a copy of `base` (dicts merge, everything else replaces)."""
+    """Recursively merge `update` into a copy of `base` (dicts merge, everything else replaces). A section with a
+    `kind` (a data source) that `update` gives another kind is replaced whole: the old kind's keys do not fit the
+    new one (`data.kind=file data.path=x` over an arithmetic `data`)."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not _changes_kind(merged[key], value):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
+
+
+def _changes_kind(section: dict[str, Any], update: dict[str, Any]) -> bool:
+    return "kind" in update and update["kind"] != section.get("kind", update["kind"])
 
 
 SOURCES = {"arithmetic": ArithmeticSource, "file": FileSource, "hub": HubSource}

@@ -59,8 +59,8 @@ def _send(model, conn, proc, ctx: Context) -> str:
     """Stream `model`'s weights to the engine process; returns how (gpu_sync's IPC buckets when it imports and CUDA is
     there, else torch.multiprocessing sharing the whole state dict: CUDA IPC on a GPU, shared memory on CPU)."""
     try:
-        from posttrain.rollout.gpu_sync import IpcSender
         from posttrain.rollout.buckets import skip_tied
+        from posttrain.rollout.gpu_sync import IpcSender
     except ImportError as err:
         reason = f"posttrain.rollout.gpu_sync does not import ({err})"
     else:

@@ -51,6 +51,7 @@ def generate_traces(cfg: RecipeConfig, dataset: Path) -> TraceStats:
     teacher = teacher_config(cfg)
     specs = components.load_reward_specs(cfg)
     rows, _ = components.load_data(cfg)
+    components.check_reward_columns(specs, rows)
     teacher_path = components.model_path_of(teacher, "traces.teacher" if cfg.traces.teacher else "model.path")
     components.init_ray(cfg)
     fmt = components.PromptFormatter(teacher, teacher_path)

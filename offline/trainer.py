@@ -43,6 +43,7 @@ from posttrain.run_folder.run_dir import (
     RunLogger,
     checkpoint_staging,
     commit_checkpoint,
+    failure_marker,
     open_run_dir,
     read_metrics,
 )
@@ -122,7 +123,8 @@ class OfflineTrainer:
                 f"train.warmup_steps ({t.warmup_steps}) must be <= the run's {self.total_steps} steps "
                 f"(train.epochs={t.epochs} of {len(self.rows)} rows, {t.batch_size} per step)"
             )
-        self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg)
+        self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg, needs=("trainer.pt",))
+        self.step = self.start_step  # the step in progress
         torch.manual_seed(cfg.seed)
         self.model = load_policy(cfg, model_path, self.tokenizer)
         self.model.train()
@@ -217,6 +219,10 @@ class OfflineTrainer:
         return metrics
 
     def run(self) -> Path:
+        with failure_marker(self.run_dir, lambda: self.step):
+            return self._run()
+
+    def _run(self) -> Path:
         cfg = self.cfg
         size = cfg.train.batch_size
         bar = tqdm(
@@ -228,6 +234,7 @@ class OfflineTrainer:
             file=sys.stderr,
         )
         for step in range(self.start_step + 1, self.total_steps + 1):
+            self.step = step
             indices = batch_indices(len(self.rows), size, step - 1, cfg.seed)
             metrics = self.train_step(indices)
             metrics["epoch"] = step * size / len(self.rows)

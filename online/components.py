@@ -18,7 +18,7 @@ from posttrain.models.loading import format_prompt, load_tokenizer, resolve_mode
 from posttrain.models.lora import LoraSettings
 from posttrain.online.placement import Placement
 from posttrain.rewards.combine import RewardSpec
-from posttrain.rewards.loading import build_reward_specs
+from posttrain.rewards.loading import build_reward_specs, check_columns
 from posttrain.rewards.workers import LocalScorer, RewardPool, Scorer
 from posttrain.rollout.pool import RolloutPool
 from posttrain.rollout.worker import RolloutWorker
@@ -63,6 +63,12 @@ class PromptFormatter:
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[str]:
         return [format_prompt(self.tokenizer, r["prompt"], self.system_prompt, self.use_chat_template) for r in rows]
+
+
+def check_reward_columns(specs: list[RewardSpec], train_rows: list[dict], eval_rows: list[dict] = ()) -> None:
+    """The columns the built-in rewards need are in the data (`rewards.loading.check_columns`), before any work."""
+    check_columns(specs, train_rows, "data")
+    check_columns(specs, list(eval_rows), "eval.data")
 
 
 def load_data(cfg: RecipeConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -81,6 +81,7 @@ def evaluate_recipe(cfg: RecipeConfig) -> dict:
     `posttrain eval` prints and the distill pipeline records before and after the student's SFT."""
     specs = components.load_reward_specs(cfg)
     _, rows = components.load_data(cfg)
+    components.check_reward_columns(specs, [], rows)
     model_path = components.model_path_of(cfg)
     fmt = components.PromptFormatter(cfg, model_path)
     engine = HFEngine(

@@ -53,6 +53,7 @@ from posttrain.run_folder.run_dir import (
     RunLogger,
     checkpoint_staging,
     commit_checkpoint,
+    failure_marker,
     open_run_dir,
     read_metrics,
 )
@@ -135,12 +136,15 @@ class OnlineTrainer:
         self.cfg = cfg
         self.specs = components.load_reward_specs(cfg)
         self.train_rows, self.eval_rows = components.load_data(cfg)
+        components.check_reward_columns(self.specs, self.train_rows, self.eval_rows)
         self.model_path = components.model_path_of(cfg)
         self.spec = cfg.algorithm.spec  # the algorithm's registry entry: what this run wires and which batch it builds
         teacher = teacher_path(cfg, self.model_path) if self.spec.needs_teacher else None  # tokenizers checked
         self.format = components.PromptFormatter(cfg, self.model_path)
         self.accuracy_name = components.accuracy_reward_name(cfg)
-        self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg)
+        needs = ("learner.pt", "critic.pt") if cfg.algorithm.name == "ppo" else ("learner.pt",)
+        self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg, needs=needs)
+        self.step, self._no_signal = self.start_step, False  # the step in progress; the last one had no signal
         self.policy_version = self.rollout_version = self.start_step  # learner updates; the workers' weights' version
         self._next: Future | None = None  # async mode: the next step's rollout, generating while this step trains
         components.init_ray(cfg)
@@ -375,6 +379,7 @@ class OnlineTrainer:
             batch, batch_metrics = self.policy_batch(rollout)
         else:
             batch, batch_metrics = None, {}
+        self._say_if_no_signal(step, rollout, batch)
         if batch is not None:
             critic_ref = self.critic.train_step.remote(batch) if self.critic is not None else None  # side by side
             train_metrics = ray.get(self.learner.train_step.remote(batch))
@@ -410,6 +415,18 @@ class OnlineTrainer:
         }
         return metrics, samples, rollout.scores.total
 
+    def _say_if_no_signal(self, step: int, rollout: StepRollout, batch: TrainBatch | None) -> None:
+        """Once per streak of such steps, in the terminal: every group scored alike, so no advantage is nonzero (the
+        rewards teach nothing; e.g. a task too hard or too easy for the model, or a reward that is constant)."""
+        flat = rollout.metrics["zero_variance_groups"] == 1.0 and (batch is None or not batch.advantages.any())
+        if flat and not self._no_signal:
+            tqdm.write(
+                f"step {step}: every group has zero reward variance (all samples of each prompt scored alike): no "
+                "learning signal from the rewards",
+                file=sys.stderr,
+            )
+        self._no_signal = flat
+
     def _checkpoint(self, step: int) -> None:
         staging = checkpoint_staging(self.run_dir, step)
         ray.get(self.learner.save_checkpoint.remote(str(staging)))
@@ -419,6 +436,10 @@ class OnlineTrainer:
         commit_checkpoint(self.run_dir, staging, step, state, self.cfg.checkpoint.keep_last)
 
     def run(self) -> Path:
+        with failure_marker(self.run_dir, lambda: self.step):
+            return self._run()
+
+    def _run(self) -> Path:
         cfg = self.cfg
         total = cfg.train.steps
         if self.start_step == 0 and self.eval_rows:
@@ -436,7 +457,7 @@ class OnlineTrainer:
             file=sys.stderr,
         )
         for step in range(self.start_step + 1, total + 1):
-            t0 = time.perf_counter()
+            t0, self.step = time.perf_counter(), step
             metrics, samples, totals = self.train_step(step)
             every = cfg.eval.every_steps
             if self.eval_rows and (step == total or (every and step % every == 0)):

@@ -53,6 +53,9 @@ def math_accuracy(
     return values
 
 
+math_accuracy.required_columns = (("answer", "solution"),)  # checked against the dataset before any generation
+
+
 def _format_ok(text: str) -> bool:
     if _THINK_OPEN in text:
         last_open = text.rfind(_THINK_OPEN)

@@ -97,3 +97,6 @@ def code_tests(
             for i in range(n)
         ]
         return [f.result() for f in futures]
+
+
+code_tests.required_columns = (("tests", "io_cases"),)  # checked against the dataset before any generation

@@ -115,6 +115,7 @@ def _call_all(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[An
 
 def _check_values(name: str, output: Any, batch_size: int) -> tuple[list[float | None], list[_Failure]]:
     """Floats (or None) from one function's output, plus a failure for each value that is not a finite number."""
+    output = _as_list(name, output)
     if not isinstance(output, list | tuple):
         raise RewardError(f"reward function {name!r} returned {type(output).__name__}, expected a list of floats")
     if len(output) != batch_size:
@@ -129,6 +130,16 @@ def _check_values(name: str, output: Any, batch_size: int) -> tuple[list[float |
             number = None
         values.append(number)
     return values, failures
+
+
+def _as_list(name: str, output: Any) -> Any:
+    """A 1-D numpy array or torch tensor as a list of numbers (TRL takes them: it turns outputs into a tensor)."""
+    if isinstance(output, list | tuple) or not hasattr(output, "tolist") or not hasattr(output, "shape"):
+        return output
+    if len(output.shape) != 1:
+        shape = tuple(output.shape)
+        raise RewardError(f"reward function {name!r} returned an array of shape {shape}, expected one value per sample")
+    return output.tolist()
 
 
 def _one_sample_kwargs(kwargs: dict[str, Any], index: int) -> dict[str, Any]:

@@ -139,3 +139,22 @@ def _bind_args(fn, args: dict, where: str):
         problem = f"takes no argument {unknown}" if unknown else f"needs {missing}"
         raise RewardLoadError(f"{where}.args: {fn.__name__} {problem}; its parameters: {list(signature.parameters)}")
     return functools.partial(fn, **args) if args else fn
+
+
+def check_columns(specs: list[RewardSpec], rows: list[dict[str, Any]], where: str) -> None:
+    """Before any generation: each reward's declared dataset columns (`fn.required_columns`, a tuple whose items are
+    a column or a tuple of alternatives) are among `rows`' keys; else `RewardLoadError` naming the reward and `where`
+    (e.g. `data`). Functions that declare nothing are not checked (a missing keyword then fails at their first call)."""
+    columns = {key for row in rows for key in row} - {"prompt"}
+    for spec in specs:
+        fn = spec.fn
+        while isinstance(fn, functools.partial):  # `args:` bound
+            fn = fn.func
+        for need in getattr(fn, "required_columns", ()):
+            options = (need,) if isinstance(need, str) else tuple(need)
+            if rows and not columns.intersection(options):
+                wanted = " or ".join(f"`{column}`" for column in options)
+                raise RewardLoadError(
+                    f"{spec.source or spec.name} needs the dataset column {wanted}, but the rows of {where} have "
+                    f"{sorted(columns)}; add it to the dataset"
+                )

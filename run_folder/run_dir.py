@@ -13,6 +13,9 @@ import os
 import shutil
 import sys
 import time
+import traceback
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +25,12 @@ if TYPE_CHECKING:
     from posttrain.config import RecipeConfig
 
 TRAINER_STATE = "trainer_state.json"
+FAILED = "FAILED"
+"""written into the run folder when training stops on an exception: what failed, at which step"""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (a file truncated, empty or unreadable); the message names the file."""
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:
@@ -144,28 +153,107 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     return ckpts[-1], json.loads((ckpts[-1] / TRAINER_STATE).read_text())
 
 
-def open_run_dir(cfg: RecipeConfig, checkpoints: bool = True) -> tuple[Path, int, Path | None]:
+def read_checkpoint_state(ckpt: Path, needs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The trainer state of `ckpt` after checking, cheaply and on this process, that it can be loaded: the state
+    parses and has its step, and every `*.pt` file (and each of `needs`) is a complete torch zip archive (a truncated
+    or empty file has no zip directory at its end). Raises `CheckpointError` naming the file."""
+    state_path = ckpt / TRAINER_STATE
+    try:
+        state = json.loads(state_path.read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{state_path} is corrupt ({type(err).__name__}: {err})") from None
+    for path in sorted({*ckpt.glob("*.pt"), *(ckpt / name for name in needs)}):
+        _check_torch_archive(path)
+    return state
+
+
+def _check_torch_archive(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path} is corrupt ({size} bytes, not a complete torch archive: {err})") from None
+    if not infos:
+        raise CheckpointError(f"{path} is corrupt (an empty archive)")
+
+
+def usable_checkpoint(run_dir: Path, needs: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that passes `read_checkpoint_state`, warning about each newer one it skips; None when
+    there is no checkpoint. Raises `CheckpointError` when there are checkpoints but none is usable."""
+    problems = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            state = read_checkpoint_state(ckpt, needs)
+        except CheckpointError as err:
+            print(f"warning: skipping checkpoint {ckpt.name}: {err}", file=sys.stderr)
+            problems.append(str(err))
+            continue
+        return ckpt, state
+    if problems:
+        raise CheckpointError(f"resume: no usable checkpoint in {run_dir}: {'; '.join(problems)}")
+    return None
+
+
+def _split_resume(resume: str) -> tuple[Path, Path | None]:
+    """`resume=<run>` or `resume=<run>/checkpoints/step-N`: (run folder, the chosen checkpoint or None)."""
+    path = Path(resume)
+    if path.parent.name == "checkpoints" and path.name.startswith("step-") and path.name[5:].isdigit():
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
+        return path.parent.parent, path
+    return path, None
+
+
+def open_run_dir(
+    cfg: RecipeConfig, checkpoints: bool = True, needs: tuple[str, ...] = ()
+) -> tuple[Path, int, Path | None]:
     """(run folder, steps already done, checkpoint to load): a new folder with `config.yaml`, or `cfg.resume`'s
-    after checking that the recipe differs only in resumable keys. `checkpoints=False` (a run that resumes from
-    its own files, not from checkpoints): (folder, 0, None)."""
+    after checking that the recipe differs only in resumable keys. `resume=<run>` takes the newest checkpoint that
+    loads (`usable_checkpoint`; `needs`: files it must hold), `resume=<run>/checkpoints/step-N` that one (newer
+    checkpoints are deleted: the run continues from step N). `checkpoints=False` (a run that resumes from its own
+    files, not from checkpoints): (folder, 0, None)."""
     from posttrain.config import check_resumable, dump_config
 
     if not cfg.resume:
         run_dir = new_run_dir(cfg.output_dir, cfg.name)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         return run_dir, 0, None
-    run_dir = Path(cfg.resume)
+    run_dir, chosen = _split_resume(cfg.resume)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"resume: {run_dir} is not a run folder (no config.yaml)")
     check_resumable((run_dir / "config.yaml").read_text(), cfg, str(run_dir))
+    if chosen is not None:
+        found = chosen, read_checkpoint_state(chosen, needs)
+    else:
+        found = usable_checkpoint(run_dir, needs) if checkpoints else None
     (run_dir / "config.yaml").write_text(dump_config(cfg))  # e.g. a raised train.steps
+    (run_dir / FAILED).unlink(missing_ok=True)  # the earlier failure is being dealt with
     if not checkpoints:
         print(f"resuming {run_dir}", file=sys.stderr)
         return run_dir, 0, None
-    found = latest_checkpoint(run_dir)
     if found is None:
         print(f"resume: {run_dir} has no complete checkpoint; starting it from step 0", file=sys.stderr)
         return run_dir, 0, None
     ckpt, state = found
+    for later in list_checkpoints(run_dir) if chosen else []:  # what came after step N is discarded, like its metrics
+        if int(later.name[5:]) > int(state["step"]):
+            print(f"resume: deleting {later} (after the chosen {ckpt.name})", file=sys.stderr)
+            shutil.rmtree(later)
     print(f"resuming {run_dir} from {ckpt.name} (step {state['step']})", file=sys.stderr)
     return run_dir, int(state["step"]), ckpt
+
+
+@contextmanager
+def failure_marker(run_dir: Path, step: Any):
+    """Around a run's training: an exception escaping it leaves `<run>/FAILED` saying what failed at which step
+    (`step()` gives the step in progress), so a run folder shows that it did not finish, and why."""
+    try:
+        yield
+    except BaseException as err:
+        lines = traceback.format_exception_only(type(err), err)
+        (run_dir / FAILED).write_text(f"step {step()}: {''.join(lines).strip()}\n")
+        raise

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from posttrain.config import dump_config, load_config
 from posttrain.models.tiny import tiny_model_path
 
 HERE = Path(__file__).parent
@@ -42,7 +43,10 @@ def _posttrain(*args, cwd=None):
 @pytest.mark.heavy  # a `posttrain eval` subprocess that generates
 def test_eval_prints_a_table_and_writes_json_with_pass_at_k(tmp_path):
     out = tmp_path / "eval.json"
-    proc = _posttrain("eval", str(_recipe(tmp_path)), "eval.n=4", "eval.temperature=1.0", "--output", str(out))
+    model = str(tiny_model_path())  # the README's form: overrides after the options
+    proc = _posttrain(
+        "eval", str(_recipe(tmp_path)), "--model", model, "eval.n=4", "--output", str(out), "eval.temperature=1"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "eval/accuracy" in proc.stdout and "eval/pass@4" in proc.stdout and f"wrote {out}" in proc.stdout
     result = json.loads(out.read_text())
@@ -76,6 +80,9 @@ def test_a_reward_that_raises_stops_the_run_naming_function_and_sample(tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "picky" in proc.stderr and "ZeroDivisionError" in proc.stderr and "sample" in proc.stderr
     assert "Traceback" not in proc.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()  # the run folder says that it failed, at which step and why
+    assert (run_dir / "FAILED").read_text().startswith("step 1: posttrain.rewards.combine.RewardError: ")
+    assert "ZeroDivisionError" in (run_dir / "FAILED").read_text()
 
 
 def test_config_explain_prints_a_key_and_a_section(capsys):
@@ -94,3 +101,25 @@ def test_config_explain_prints_a_key_and_a_section(capsys):
     assert "rft_offline (traces):" in capsys.readouterr().out
     assert main(["config", "--explain", "ppo.lamda"]) == 2
     assert "unknown key `ppo.lamda`" in capsys.readouterr().err and "lam" in capsys.readouterr().err + "lam"
+
+
+def test_arguments_that_are_neither_options_nor_overrides_are_refused():
+    from posttrain.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["eval", "r.yaml", "--model", "m", "eval.n=8", "--output", "o", "x=1"])
+    assert (args.overrides, args.model, args.output) == (["eval.n=8", "x=1"], "m", "o")
+    proc = _posttrain("eval", "r.yaml", "--model", "m", "stray")
+    assert proc.returncode == 2 and "unrecognized arguments: stray" in proc.stderr
+
+
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path):
+    run_dir = tmp_path / "runs" / "cli-1"
+    ckpt = run_dir / "checkpoints" / "step-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "learner.pt").write_bytes(b"")
+    (ckpt / "trainer_state.json").write_text('{"step": 2}')
+    recipe = _recipe(tmp_path)
+    (run_dir / "config.yaml").write_text(dump_config(load_config(recipe)))
+    proc = _posttrain("train", str(recipe), f"resume={ckpt}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: {ckpt / 'learner.pt'} is corrupt (0 bytes, not a complete torch archive" in proc.stderr

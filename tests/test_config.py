@@ -55,6 +55,12 @@ def test_missing_and_unknown_source_kind():
         ({"train": {"steps": 2, "warmup_steps": 5}}, "train.warmup_steps (5) must be <= train.steps (2)"),
         ({"rewards": [{"fn": "a.py:f"}, {"fn": "b.py:f"}]}, "two rewards share a log name"),
         ({"eval": {"accuracy_reward": "nope"}}, "eval.accuracy_reward: `nope` is not a reward"),
+        (
+            {"algorithm": {"kl_coef": 0.1, "kl_estimator": "k1"}},
+            "algorithm.kl_estimator: k1 in the loss has an expected gradient of zero (the KL term would do nothing); "
+            "use k2 or k3",
+        ),
+        ({"eval": {"n": 8}}, "eval.n: 8 greedy samples per problem (eval.temperature 0) are identical"),
     ],
 )
 def test_impossible_combinations(patch, fragment):
@@ -74,6 +80,25 @@ def test_overrides_parse_yaml_values_into_nested_keys(tmp_path):
     assert load_config(recipe, ["train.steps=7"]).train.steps == 7
     with pytest.raises(ConfigError, match=r"r.yaml: invalid recipe:\n  - unknown key `train.stepz`"):
         load_config(recipe, ["train.stepz=7"])
+
+
+def test_k1_and_several_eval_samples_are_allowed_where_they_mean_something():
+    reward_kl = validate_config({**BASE, "algorithm": {"kl_coef": 0.1, "kl_in": "reward", "kl_estimator": "k1"}})
+    assert reward_kl.algorithm.kl_estimator == "k1"
+    assert validate_config({**BASE, "eval": {"n": 8, "temperature": 1.0}}).eval.n == 8
+
+
+def test_an_override_of_a_data_kind_replaces_the_section_and_one_of_the_same_kind_merges(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {path: m}\ndata: {kind: arithmetic, num_problems: 50, max_value: 9}\nrewards: [{fn: math_accuracy}]\n"
+        "eval: {data: {kind: arithmetic, num_problems: 5}}\n"
+    )
+    cfg = load_config(recipe, ["data.kind=file", "data.path=x.jsonl", "eval.data.kind=hub", "eval.data.name=d"])
+    assert cfg.data.model_dump() == {"kind": "file", "path": "x.jsonl", "prompt_column": "prompt", "limit": None}
+    assert (cfg.eval.data.kind, cfg.eval.data.name, cfg.eval.data.split) == ("hub", "d", "train")
+    same = load_config(recipe, ["data.kind=arithmetic", "data.seed=3"]).data
+    assert (same.num_problems, same.max_value, same.seed) == (50, 9, 3)
 
 
 def test_missing_or_broken_recipe_file(tmp_path):

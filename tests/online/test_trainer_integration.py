@@ -18,6 +18,7 @@ from posttrain.config import validate_config
 from posttrain.data.sources import arithmetic_rows, batch_indices
 from posttrain.models.tiny import tiny_model_path
 from posttrain.online.trainer import GRPOTrainer
+from posttrain.rewards.loading import RewardLoadError
 from posttrain.run_folder.run_dir import read_metrics
 
 REWARD_FILE = Path(__file__).parent / "data" / "length_reward.py"
@@ -143,3 +144,22 @@ def test_sigkill_mid_run_then_resume_repeats_and_skips_nothing(tmp_path):
         expected = {train_rows[i]["prompt"] for i in batch_indices(len(train_rows), 2, step - 1, seed=0)}
         assert {s["prompt"] for s in samples if s["step"] == step} == expected, f"step {step}"
     assert (run_dir / "final" / "config.json").exists()
+
+
+def test_a_column_a_reward_needs_is_missing_before_any_folder_actor_or_generation(tmp_path):
+    data = tmp_path / "questions.jsonl"
+    data.write_text('{"prompt": "What is 2 + 2?", "gold": "4"}\n')
+    recipe = {**tiny_recipe(tmp_path, eval={"data": None}), "data": {"kind": "file", "path": str(data)}}
+    with pytest.raises(RewardLoadError, match=r"'math_accuracy' needs the dataset column `answer` or `solution`"):
+        GRPOTrainer(validate_config(recipe))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_step_where_every_group_scored_alike_is_said_once_per_streak(tmp_path, ray_session, capfd):
+    # `format` on the random tiny model: no completion has a final-answer marker, every sample scores 0
+    recipe = tiny_recipe(tmp_path, rewards=[{"fn": "format"}], eval={"data": None}, train={"steps": 2})
+    run_dir = GRPOTrainer(validate_config(recipe)).run()
+    err = capfd.readouterr().err
+    assert [r["zero_variance_groups"] for r in read_metrics(run_dir)] == [1.0, 1.0]
+    assert "step 1: every group has zero reward variance (all samples of each prompt scored alike): no learning" in err
+    assert err.count("every group has zero reward variance") == 1

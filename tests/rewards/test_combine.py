@@ -4,7 +4,9 @@ import asyncio
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
+import torch
 
 from posttrain.rewards.combine import (
     PartialScores,
@@ -155,6 +157,15 @@ def test_non_finite_or_non_number_values_fail(bad):
     scores = score(spec, on_error="skip")
     assert scores.skipped == [1] and scores.total[0] == 1.0 and scores.total[2] == 0.0
     assert scores.per_function["bad_values"] == [1.0, None, 0.0]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_numpy_array_or_torch_tensor_of_rewards_is_accepted_like_trl(kind):
+    array = {"numpy": np.array, "torch": torch.tensor}[kind]
+    scores = score(RewardSpec(lambda **kwargs: array([1.0, 0.5, 0.25]), "arr"))
+    assert scores.per_function == {"arr": [1.0, 0.5, 0.25]} and scores.total == [1.0, 0.5, 0.25]
+    with pytest.raises(RewardError, match=r"'arr' returned an array of shape \(3, 1\), expected one value per"):
+        score(RewardSpec(lambda **kwargs: array([[1.0], [0.5], [0.25]]), "arr"))
 
 
 def test_sample_no_function_scored_is_an_error_not_a_zero():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.rewards import builtin
-from posttrain.rewards.loading import RewardLoadError, load_reward_function
+from posttrain.rewards.loading import RewardLoadError, build_reward_specs, check_columns, load_reward_function
 
 DATA = Path(__file__).parent / "data"
 TRL_FILE = DATA / "trl_style_rewards.py"
@@ -88,3 +88,18 @@ def test_file_that_fails_to_import(tmp_path):
         load_reward_function("broken.py:score", base_dir=tmp_path)
     (tmp_path / "broken.py").write_text("def score(completions, **kwargs):\n    return [1.0]\n")
     assert load_reward_function("broken.py:score", base_dir=tmp_path)(completions=["x"]) == [1.0]  # not cached
+
+
+def test_a_dataset_column_a_builtin_reward_needs_is_checked_before_any_scoring():
+    entries = [{"fn": "format"}, {"fn": "math_accuracy", "args": {"timeout": 2.0}}]  # args: a partial, still checked
+    specs = build_reward_specs(entries, ["format", "math_accuracy"])
+    with pytest.raises(RewardLoadError) as err:
+        check_columns(specs, [{"prompt": "1+1?", "question": "q"}], "data")
+    assert str(err.value).startswith(
+        "rewards[1].fn = 'math_accuracy' needs the dataset column `answer` or `solution`, but the rows of data have "
+        "['question']"
+    )
+    check_columns(specs, [{"prompt": "1+1?", "solution": "2"}], "data")  # either column will do
+    code = build_reward_specs([{"fn": "code_tests"}], ["code_tests"])
+    with pytest.raises(RewardLoadError, match="`tests` or `io_cases`"):
+        check_columns(code, [{"prompt": "p", "answer": "1"}], "eval.data")
