@@ -393,6 +393,27 @@ class PPOConfig(_Section):
     """whiten the advantages over the batch's completion tokens (masked mean 0, std 1) before the policy step"""
 
 
+class EnvConfig(_Section):
+    path: str | None = None
+    """a multi-turn environment, `path/to/my_env.py:MyEnv` or `package.module:MyEnv` (docs/environments.md); each
+    prompt's samples become episodes: the model and the environment take turns, the environment's reward is the
+    sample's reward and its tokens carry no loss. none = single-turn completions scored by `rewards`"""
+    args: dict[str, Any] = {}
+    """keyword arguments of the environment's constructor"""
+    max_turns: int = Field(4, ge=1)
+    """model turns per episode"""
+    max_episode_tokens: int = Field(1024, ge=1)
+    """tokens after the prompt, the model's and the environment's together (each model turn is also capped by
+    rollout.max_new_tokens); an environment reply that leaves no room for another turn fails the episode
+    (budget_exceeded)"""
+    step_timeout: float = Field(30.0, gt=0)
+    """seconds the environment's reset/step may take (the episodes of a turn run concurrently, one deadline for all);
+    past it the episode fails (env_timeout)"""
+    on_error: Literal["skip", "raise"] = "skip"
+    """an episode whose environment raises, hangs, returns malformed messages or overflows the budget: skip it (no
+    loss, counted in env/failed_episodes, its error in samples.jsonl) or fail the run"""
+
+
 class EvalConfig(_Section):
     data: DataSource | None = None
     """held-out problems (none = no evaluation)"""
@@ -488,6 +509,8 @@ class RecipeConfig(_Section):
     """on-policy distillation (algorithm.name=opd): the teacher and the loss"""
     ppo: PPOConfig = PPOConfig()
     """PPO (algorithm.name=ppo): the critic's learning rate, value clipping, GAE and whitening"""
+    env: EnvConfig = EnvConfig()
+    """multi-turn episodes with an environment instead of single completions (grpo, rloo, reinforce_pp)"""
     rollout: RolloutConfig = RolloutConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -541,6 +564,8 @@ class RecipeConfig(_Section):
                 "4-bit base the learner trains on (model.quantize); allowed with quantize: merged"
             )
         spec = self.algorithm.spec
+        if self.env.path is not None:
+            return self._check_env()
         if spec.family != "offline":  # opd without reward_coef learns from its teacher alone
             if not self.rewards and not (reads(spec, "opd.reward_coef") and self.opd.reward_coef == 0):
                 raise ValueError(f"rewards: algorithm.name={name} needs at least one reward function")
@@ -550,6 +575,20 @@ class RecipeConfig(_Section):
         pref = self.preference
         if pref.label_smoothing > 0 and pref.loss_type != "robust":  # another algorithm setting it: `_check_reads`
             raise ValueError("preference.label_smoothing: only used by algorithm.name=dpo with loss_type=robust")
+        return self
+
+    def _check_env(self) -> RecipeConfig:
+        """With `env.path` the environment is the reward and episodes replace completions (not yet combined with
+        `rewards`, held-out evaluation or async generation)."""
+        if self.rewards:
+            raise ValueError(
+                "rewards: with env.path the environment's reward is the episode's reward; `rewards` are not combined "
+                "with environments yet (return the score from the environment's step)"
+            )
+        if self.eval.data is not None:
+            raise ValueError("eval.data: held-out evaluation of environment episodes is not built yet; remove eval")
+        if self.rollout.async_mode:
+            raise ValueError("rollout.async_mode: environment episodes are generated in sync mode only for now")
         return self
 
     @model_validator(mode="after")

@@ -100,8 +100,9 @@ CLIPPED = ONLINE | {
     f"algorithm.{key}" for key in ("eps_low", "eps_high", "dual_clip", "ratio_level", "tis_cap", "loss_reduction")
 }
 """online with the clipped policy loss"""
-POLICY_GRADIENT = CLIPPED | {"algorithm.dynamic_sampling", "algorithm.max_refill_rounds"}
-"""online with an advantage estimator (DAPO's dynamic sampling drops groups that carry no signal)"""
+POLICY_GRADIENT = CLIPPED | {"algorithm.dynamic_sampling", "algorithm.max_refill_rounds", "env"}
+"""online with an advantage estimator (DAPO's dynamic sampling drops groups that carry no signal; `env`: multi-turn
+episodes with an environment, docs/environments.md)"""
 TRACES = (
     OFFLINE
     | {"rewards", "scoring", "ray", "traces", "sft.completion_only", "algorithm.on_reward_error"}

@@ -22,3 +22,8 @@ class Sample:
     """index of the prompt within the step; samples of one prompt share it"""
     columns: dict[str, Any] = field(default_factory=dict)
     """the dataset row's other columns (gold answers, tests, ...), passed to reward functions"""
+    completion_mask: list[int] | None = None
+    """1 on the completion tokens that carry loss, 0 on the others (an environment episode's tool output and
+    feedback, `posttrain.envs`); None: every completion token does"""
+    episode: dict[str, Any] | None = None
+    """an environment episode's outcome (turns, finish, error, step rewards) for the logs; None for a completion"""

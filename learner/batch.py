@@ -89,7 +89,8 @@ def collate(
     """Pack samples into a `TrainBatch` (prompts left-padded, completions right-padded).
 
     A sample whose advantage is NaN (its reward was skipped) stays in the batch with an all-zero loss mask, so
-    batch shapes do not depend on failures. Completion tokens include EOS when the model stopped by itself.
+    batch shapes do not depend on failures. Completion tokens include EOS when the model stopped by itself. A sample
+    with a `completion_mask` (a multi-turn episode) has loss only where it is 1.
     """
     if len(samples) != len(advantages):
         raise ValueError(f"collate: {len(samples)} samples but {len(advantages)} advantages")
@@ -107,8 +108,11 @@ def collate(
         input_ids[i, P : P + c] = torch.tensor(s.completion_token_ids, dtype=torch.long)
         attention[i, P - p : P + c] = 1
         sampler_lp[i, :c] = torch.tensor(s.sampler_logprobs, dtype=torch.float32)
+        if s.completion_mask is not None and len(s.completion_mask) != c:
+            raise ValueError(f"collate: sample {i} has {c} completion tokens but a mask of {len(s.completion_mask)}")
         if c and a == a:  # a != a only for NaN
-            loss_mask[i, :c] = 1.0
+            # an environment episode's own tokens only (its tool output and feedback carry no loss)
+            loss_mask[i, :c] = 1.0 if s.completion_mask is None else torch.tensor(s.completion_mask)
             adv[i] = a
     return TrainBatch(
         input_ids,

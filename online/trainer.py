@@ -39,6 +39,7 @@ from posttrain.data.sources import batch_indices
 from posttrain.data.types import Sample
 from posttrain.learner.batch import TrainBatch, collate
 from posttrain.online import components
+from posttrain.online.env_rollout import EnvRollout, episode_metrics
 from posttrain.online.evaluation import eval_params, score_eval
 from posttrain.online.opd import heldout_reverse_kl, opd_batch, start_opd_teacher, teacher_path
 from posttrain.online.placement import Placement
@@ -141,6 +142,9 @@ class OnlineTrainer:
         self.spec = cfg.algorithm.spec  # the algorithm's registry entry: what this run wires and which batch it builds
         teacher = teacher_path(cfg, self.model_path) if self.spec.needs_teacher else None  # tokenizers checked
         self.format = components.PromptFormatter(cfg, self.model_path)
+        self.env = EnvRollout(cfg, self.format.tokenizer) if cfg.env.path is not None else None  # episodes, not prompts
+        # the fixed normaliser of seq-mean-token-sum-norm: what one sample may hold after its prompt
+        self.completion_budget = cfg.env.max_episode_tokens if self.env is not None else cfg.rollout.max_new_tokens
         self.accuracy_name = components.accuracy_reward_name(cfg)
         needs = ("learner.pt", "critic.pt") if cfg.algorithm.name == "ppo" else ("learner.pt",)
         self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg, needs=needs)
@@ -244,10 +248,14 @@ class OnlineTrainer:
             first_index = indices[0] if first_index is None else first_index
             round_rows = [self.train_rows[i] for i in indices]
             t0 = time.perf_counter()
-            results = self.pool.generate(self.format(round_rows), self._sampling(step, round_))
-            t1 = time.perf_counter()
-            round_samples = to_samples(round_rows, results)
-            scores = self.score_samples(round_samples)
+            if self.env is not None:  # the environment's rewards come with the episodes (time/reward: 0)
+                round_samples, scores = self.env.generate(self.pool, round_rows, self._sampling(step, round_))
+                t1 = time.perf_counter()
+            else:
+                results = self.pool.generate(self.format(round_rows), self._sampling(step, round_))
+                t1 = time.perf_counter()
+                round_samples = to_samples(round_rows, results)
+                scores = self.score_samples(round_samples)
             seconds["generate"] += t1 - t0
             seconds["reward"] += time.perf_counter() - t1
             scored.append(scores)
@@ -284,9 +292,7 @@ class OnlineTrainer:
         """The learner's batch for a policy-gradient algorithm: advantages (with the KL in the reward if so set)."""
         algo, G = self.cfg.algorithm, self.cfg.algorithm.samples_per_prompt
         placeholder = [0.0 if t == t else math.nan for t in rollout.totals]  # NaN masks a skipped sample
-        batch = collate(
-            rollout.samples, placeholder, self.format.tokenizer.pad_token_id, self.cfg.rollout.max_new_tokens
-        )
+        batch = collate(rollout.samples, placeholder, self.format.tokenizer.pad_token_id, self.completion_budget)
         rewards_BG = torch.tensor(rollout.totals, dtype=torch.float32).view(len(rollout.rows), G)
         kl_BC, metrics = None, {}
         if algo.kl_in == "reward" and algo.kl_coef > 0:
@@ -400,7 +406,8 @@ class OnlineTrainer:
             **train_metrics,
             **batch_metrics,
             **rollout.metrics,
-            **(reward_metrics(rollout.scores) if self.specs else {}),
+            **(reward_metrics(rollout.scores) if self.specs or self.env else {}),
+            **episode_metrics(samples),
             "skipped_samples": len(rollout.scores.skipped),
             "response_length/mean": sum(lengths) / len(lengths),
             "response_length/max": max(lengths),
@@ -467,7 +474,7 @@ class OnlineTrainer:
             self.logger.log_samples(
                 step,
                 [
-                    {"prompt": s.prompt, "completion": s.completion, "reward": r}
+                    {"prompt": s.prompt, "completion": s.completion, "reward": r, **(s.episode or {})}
                     for s, r in zip(samples[: cfg.logging.samples_per_step], totals, strict=False)
                 ],
             )

@@ -32,17 +32,17 @@ def _is_file_target(target: str) -> bool:
     return target.endswith(".py") or "/" in target or os.sep in target
 
 
-def _import_file(spec: str, path: Path) -> ModuleType:
+def _import_file(spec: str, path: Path, what: str) -> ModuleType:
     """Import `path` as a module of its own; the name is unique per resolved path, so re-loading reuses it."""
     if not path.is_file():
-        raise RewardLoadError(f"reward spec {spec!r}: file {str(path)!r} does not exist")
+        raise RewardLoadError(f"{what} spec {spec!r}: file {str(path)!r} does not exist")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
     module_name = f"{_FILE_MODULE_PREFIX}{path.stem}_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise RewardLoadError(f"reward spec {spec!r}: cannot import {str(path)!r} as Python")
+        raise RewardLoadError(f"{what} spec {spec!r}: cannot import {str(path)!r} as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up here
     # Sibling helper modules (`from my_utils import ...`) import as when the file is run as a script. Only
@@ -53,22 +53,22 @@ def _import_file(spec: str, path: Path) -> ModuleType:
     except BaseException as error:
         del sys.modules[module_name]
         if isinstance(error, Exception):
-            raise RewardLoadError(f"reward spec {spec!r}: importing {str(path)!r} failed: {error!r}") from error
+            raise RewardLoadError(f"{what} spec {spec!r}: importing {str(path)!r} failed: {error!r}") from error
         raise
     finally:
         sys.path.remove(str(path.parent))
     return module
 
 
-def _import_module(spec: str, target: str) -> ModuleType:
+def _import_module(spec: str, target: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(target)
     except ModuleNotFoundError as error:
         raise RewardLoadError(
-            f"reward spec {spec!r}: no module named {error.name!r} (a file path must end in .py)"
+            f"{what} spec {spec!r}: no module named {error.name!r} (a file path must end in .py)"
         ) from error
     except Exception as error:
-        raise RewardLoadError(f"reward spec {spec!r}: importing module {target!r} failed: {error!r}") from error
+        raise RewardLoadError(f"{what} spec {spec!r}: importing module {target!r} failed: {error!r}") from error
 
 
 def load_reward_function(spec: str, base_dir: str | os.PathLike[str] | None = None) -> Callable[..., Any]:
@@ -85,24 +85,32 @@ def load_reward_function(spec: str, base_dir: str | os.PathLike[str] | None = No
             f"reward spec {spec!r}: not a built-in reward (built-ins: {sorted(BUILTIN_REWARDS)}); name your own "
             "function as 'path/to/file.py:function' or 'package.module:function'"
         )
-    target, name = spec.rsplit(":", 1)
+    return load_object(spec, base_dir)
+
+
+def load_object(spec: str, base_dir: str | os.PathLike[str] | None = None, what: str = "reward") -> Any:
+    """The callable named by `path/to/file.py:name` or `package.module:name` (`name` may be dotted); relative file
+    paths are resolved against `base_dir` (default: cwd). Raises `RewardLoadError` saying "<what> spec <spec>: ..."
+    when the file, module or name is missing, or the object found is not callable. Rewards and environments
+    (`envs/loading.py`) are both loaded here."""
+    target, name = spec.rsplit(":", 1) if ":" in spec else ("", spec)
     if not target or not name:
-        raise RewardLoadError(f"reward spec {spec!r}: expected 'path/to/file.py:function' or 'module:function'")
+        raise RewardLoadError(f"{what} spec {spec!r}: expected 'path/to/file.py:name' or 'module:name'")
     if _is_file_target(target):
         path = Path(target).expanduser()
         if not path.is_absolute():
             path = Path(base_dir if base_dir is not None else os.getcwd()) / path
-        module = _import_file(spec, path.resolve())
+        module = _import_file(spec, path.resolve(), what)
     else:
-        module = _import_module(spec, target)
+        module = _import_module(spec, target, what)
     found: Any = module
     for part in name.split("."):
         if not hasattr(found, part):
             public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
-            raise RewardLoadError(f"reward spec {spec!r}: {module.__name__} has no {name!r} (callables: {public})")
+            raise RewardLoadError(f"{what} spec {spec!r}: {module.__name__} has no {name!r} (callables: {public})")
         found = getattr(found, part)
     if not callable(found):
-        raise RewardLoadError(f"reward spec {spec!r}: {name!r} is a {type(found).__name__}, not a function")
+        raise RewardLoadError(f"{what} spec {spec!r}: {name!r} is a {type(found).__name__}, not a function or class")
     return found
 
 

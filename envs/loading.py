@@ -1,0 +1,45 @@
+"""Find an environment class from the string a recipe names it by (`env.path`), as rewards are found.
+
+Two forms: `path/to/my_env.py:MyEnv` (a user's file; a relative path is resolved against the working directory) and
+`package.module:MyEnv`. `env.args` are its constructor's keyword arguments; one instance is built here at load time,
+so a missing file, a wrong name or a bad `args` fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+from posttrain.rewards.loading import RewardLoadError, load_object
+
+
+class EnvLoadError(ValueError):
+    """`env.path` / `env.args` name no usable environment; the message says which and what was wrong."""
+
+
+def load_environment(
+    spec: str, args: dict[str, Any] | None = None, base_dir: str | os.PathLike[str] | None = None
+) -> Callable[[], Any]:
+    """A factory of fresh environments (`factory()` builds one for each episode) from `spec` and `args`.
+
+    Raises `EnvLoadError` naming `env.path` or `env.args` when the spec cannot be loaded, the class does not take
+    `args`, or what it builds has no `reset` / `step` methods.
+    """
+    try:
+        cls = load_object(spec, base_dir, what="environment")
+    except RewardLoadError as error:
+        raise EnvLoadError(f"env.path = {spec!r}: {error}") from None
+    factory = functools.partial(cls, **(args or {}))
+    try:
+        probe = factory()
+    except Exception as error:
+        raise EnvLoadError(f"env.args = {args!r}: building {spec} with them failed: {error!r}") from error
+    missing = [name for name in ("reset", "step") if not callable(getattr(probe, name, None))]
+    if missing:
+        raise EnvLoadError(
+            f"env.path = {spec!r}: {type(probe).__name__} has no {' or '.join(missing)} method; an environment "
+            "has reset(row) -> messages and step(messages) -> StepResult (posttrain.envs.Environment)"
+        )
+    return factory
