@@ -83,3 +83,11 @@ def test_collate_puts_an_episodes_mask_into_the_loss_mask_and_a_skipped_episode_
     torch.testing.assert_close(batch.loss_mask_BC, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="sample 0 has 5 completion tokens but a mask of 2"):
         collate([episode([1, 2, 3, 4, 5], [1, 0])], [1.0], 0, 16)
+
+
+def test_the_docs_example_is_the_environment_the_tests_train_on():
+    docs = (Path(__file__).parents[2] / "docs" / "environments.md").read_text()
+    source = GUESS.read_text()
+    example = source[source.index("import re") : source.index("\n\n\nclass ShapedGuessNumber")]
+    assert f"```python\n{example}\n```" in docs
+    assert len(example.splitlines()) <= 30

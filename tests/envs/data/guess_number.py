@@ -23,3 +23,15 @@ class GuessNumber(Environment):
             return StepResult([], reward=1.0, done=True)
         hint = "higher" if guess < self.target else "lower"
         return StepResult([{"role": "user", "content": f"No, {hint}. Guess again."}], reward=None)
+
+
+class ShapedGuessNumber(GuessNumber):
+    """GuessNumber plus a partial reward per turn: the share of digits in the model's answer (a random model rarely
+    guesses right, so this gives a tiny model's groups reward variance, hence a gradient)."""
+
+    def step(self, messages):
+        result = super().step(messages)
+        text = messages[-1]["content"]
+        shaped = sum(ch.isdigit() for ch in text) / max(len(text), 1)
+        result.reward = (result.reward or 0.0) + shaped
+        return result
