@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.envs import ChatTemplateError, Environment, EpisodeLimits, StepResult, run_episodes
+from posttrain.envs import ChatTemplateError, Environment, EpisodeLimits, StepResult, load_environment, run_episodes
 from posttrain.envs.template import turn_suffix
 from posttrain.models.tiny import build_tiny_tokenizer, tiny_model_path
 from posttrain.rollout.hf_engine import HFEngine
 from posttrain.rollout.types import SamplingParams
 
 DATA = Path(__file__).parent / "data"
-sys.path.insert(0, str(DATA))
-import scripted  # noqa: E402
+SCRIPTED = load_environment(f"{DATA / 'scripted.py'}:Scripted")  # as a recipe's env.path loads it
+RELEASE = sys.modules[SCRIPTED.func.__module__].RELEASE  # lets a hanging step return once the test is done
 
 QWEN_STYLE_TEMPLATE = (  # Qwen2.5's template without tool calls: a default system turn, tool replies merged in a user
     "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
@@ -171,11 +171,9 @@ def test_bad_environments_end_their_own_episode_with_a_named_error_and_the_rest_
     engine = tiny_engine()
     limits = EpisodeLimits(max_turns=3, max_episode_tokens=200, step_timeout=1.0)
     try:
-        episodes = run_episodes(
-            engine, engine.tokenizer, scripted.Scripted, rows, 1, SamplingParams(max_new_tokens=4), limits
-        )
+        episodes = run_episodes(engine, engine.tokenizer, SCRIPTED, rows, 1, SamplingParams(max_new_tokens=4), limits)
     finally:
-        scripted.RELEASE.set()
+        RELEASE.set()
     errors = {mode: episode.error for mode, episode in zip(modes, episodes, strict=True)}
     assert errors["ok"] is None
     assert errors["raises"] == "env_raised: Scripted.step raised ValueError('tool crashed')"
