@@ -395,9 +395,10 @@ class PPOConfig(_Section):
 
 class EnvConfig(_Section):
     path: str | None = None
-    """a multi-turn environment, `path/to/my_env.py:MyEnv` or `package.module:MyEnv` (docs/environments.md); each
-    prompt's samples become episodes: the model and the environment take turns, the environment's reward is the
-    sample's reward and its tokens carry no loss. none = single-turn completions scored by `rewards`"""
+    """a multi-turn environment, `path/to/my_env.py:MyEnv`, `package.module:MyEnv` or the built-in `python_tool`
+    (docs/environments.md); each prompt's samples become episodes: the model and the environment take turns, the
+    environment's reward is the sample's reward and its tokens carry no loss. none = single-turn completions scored
+    by `rewards`"""
     args: dict[str, Any] = {}
     """keyword arguments of the environment's constructor"""
     max_turns: int = Field(4, ge=1)

@@ -1,8 +1,9 @@
 """Find an environment class from the string a recipe names it by (`env.path`), as rewards are found.
 
-Two forms: `path/to/my_env.py:MyEnv` (a user's file; a relative path is resolved against the working directory) and
-`package.module:MyEnv`. `env.args` are its constructor's keyword arguments; one instance is built here at load time,
-so a missing file, a wrong name or a bad `args` fails before any model is loaded.
+Three forms: `path/to/my_env.py:MyEnv` (a user's file; a relative path is resolved against the working directory),
+`package.module:MyEnv`, and a bare built-in name (`python_tool`; see `BUILTIN_ENVS`). `env.args` are its constructor's
+keyword arguments; one instance is built here at load time, so a missing file, a wrong name or a bad `args` fails
+before any model is loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from posttrain.rewards.loading import RewardLoadError, load_object
+
+BUILTIN_ENVS = {"python_tool": "posttrain.envs.python_tool:PythonTool"}
+"""names accepted as `env.path` without a module (imported only when named)"""
 
 
 class EnvLoadError(ValueError):
@@ -27,8 +31,13 @@ def load_environment(
     Raises `EnvLoadError` naming `env.path` or `env.args` when the spec cannot be loaded, the class does not take
     `args`, or what it builds has no `reset` / `step` methods.
     """
+    if ":" not in spec and spec not in BUILTIN_ENVS:
+        raise EnvLoadError(
+            f"env.path = {spec!r}: not a built-in environment (built-ins: {sorted(BUILTIN_ENVS)}); name your own "
+            "class as 'path/to/my_env.py:MyEnv' or 'package.module:MyEnv'"
+        )
     try:
-        cls = load_object(spec, base_dir, what="environment")
+        cls = load_object(BUILTIN_ENVS.get(spec, spec), base_dir, what="environment")
     except RewardLoadError as error:
         raise EnvLoadError(f"env.path = {spec!r}: {error}") from None
     factory = functools.partial(cls, **(args or {}))
