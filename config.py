@@ -125,7 +125,22 @@ class HubSource(_Section):
     """appended to every (string) prompt"""
 
 
-DataSource = Annotated[ArithmeticSource | FileSource | HubSource, Field(discriminator="kind")]
+class ReasoningGymSource(_Section):
+    kind: Literal["reasoning_gym"] = "reasoning_gym"
+    task: str
+    """a reasoning-gym task family (`chain_sum`, `countdown`, ... 100+; `pip install reasoning-gym`), generated
+    offline; score it with the `reasoning_gym` reward (the task's own checker)"""
+    size: int = Field(1000, ge=1)
+    """how many problems"""
+    seed: int = 0
+    """generator seed (use different seeds for train and eval sets)"""
+    config: dict[str, Any] = {}
+    """the task's own settings (the fields of its config class besides size and seed, e.g. `max_terms`)"""
+    instruction: str = "\n\nGive only the final answer, inside <answer></answer> tags."
+    """appended to every question (the `reasoning_gym` reward reads the last <answer> block)"""
+
+
+DataSource = Annotated[ArithmeticSource | FileSource | HubSource | ReasoningGymSource, Field(discriminator="kind")]
 
 
 class RewardConfig(_Section):
@@ -797,7 +812,12 @@ def _changes_kind(section: dict[str, Any], update: dict[str, Any]) -> bool:
     return "kind" in update and update["kind"] != section.get("kind", update["kind"])
 
 
-SOURCES = {"arithmetic": ArithmeticSource, "file": FileSource, "hub": HubSource}
+SOURCES = {
+    "arithmetic": ArithmeticSource,
+    "file": FileSource,
+    "hub": HubSource,
+    "reasoning_gym": ReasoningGymSource,
+}
 
 
 def _walk(loc: list[str]) -> tuple[list[str], Any]:

@@ -1,4 +1,5 @@
-"""Prompt sources: offline arithmetic problems and JSON/JSONL files, as lists of row dicts.
+"""Prompt sources: offline arithmetic problems, JSON/JSONL files, hub datasets and reasoning-gym tasks
+(`data/reasoning_gym.py`), as lists of row dicts.
 
 Every row has a `prompt` (a string or a list of chat messages) and any other columns (e.g. `answer`), which
 are passed to reward functions as keyword lists, the way TRL's GRPOTrainer passes dataset columns.
@@ -11,7 +12,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ArithmeticSource, DataSource, FileSource, HubSource
+from posttrain.config import ArithmeticSource, DataSource, FileSource, HubSource, ReasoningGymSource
+from posttrain.data.reasoning_gym import reasoning_gym_rows
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -126,6 +128,8 @@ def load_rows(src: DataSource) -> list[dict[str, Any]]:
         return arithmetic_rows(src)
     if isinstance(src, HubSource):
         return hub_rows(src)
+    if isinstance(src, ReasoningGymSource):
+        return reasoning_gym_rows(src)
     return file_rows(src)
 
 

@@ -1,6 +1,6 @@
 """Built-in reward functions, in TRL GRPOTrainer's interface. Named in recipes as `math_accuracy`, `format`,
-`code_tests` (defined in `rewards.code`), `overlong_penalty` and `length_penalty` (in `rewards.shaping`) and
-`reward_model` (in `rewards.reward_model`)."""
+`code_tests` (defined in `rewards.code`), `overlong_penalty` and `length_penalty` (in `rewards.shaping`),
+`reward_model` (in `rewards.reward_model`) and `reasoning_gym` (in `rewards.reasoning_gym`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from posttrain.rewards.code import code_tests
 from posttrain.rewards.combine import completion_text
+from posttrain.rewards.reasoning_gym import reasoning_gym_reward
 from posttrain.rewards.reward_model import reward_model
 from posttrain.rewards.shaping import length_penalty, overlong_penalty
 from posttrain.verifiers.math import boxed_contents, verify_many
@@ -94,5 +95,6 @@ BUILTIN_REWARDS = {
     "overlong_penalty": overlong_penalty,
     "length_penalty": length_penalty,
     "reward_model": reward_model,
+    "reasoning_gym": reasoning_gym_reward,
 }
 """Names accepted by `load_reward_function` without a path."""
