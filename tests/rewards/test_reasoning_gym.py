@@ -80,3 +80,19 @@ def test_the_shipped_recipe_validates_and_its_rows_feed_its_reward():
     columns = {"reasoning_gym": [row["reasoning_gym"] for row in held_out[:3]]}
     completions = [f"<answer>{row['answer']}</answer>" for row in held_out[:3]]
     assert score_samples(specs, ["q"] * 3, completions, columns).total == [1.0] * 3
+
+
+def test_rows_scored_in_ray_reward_workers_match_in_process_scores(ray_session):
+    from posttrain.rewards.workers import RewardPool
+
+    rows = load_rows(ReasoningGymSource(task="countdown", size=4, seed=5))
+    entries = [{"fn": "reasoning_gym", "weight": 1.0, "args": {}}]
+    specs = build_reward_specs(entries, ["rg"])
+    columns = {key: [row[key] for row in rows] for key in ("answer", "reasoning_gym", "metadata")}
+    completions = [f"<answer>{row['answer']}</answer>" for row in rows[:2]] + ["<answer>1 + 1</answer>", "none"]
+    pool = RewardPool(entries, specs, workers=2)
+    try:
+        got = pool.score([row["prompt"] for row in rows], completions, columns)
+    finally:
+        pool.close()
+    assert got.total == [1.0, 1.0, 0.05, 0.01]  # the entries Ray carried regenerate and score as here
