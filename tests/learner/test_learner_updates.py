@@ -11,6 +11,7 @@ from posttrain.data.types import Sample
 from posttrain.learner.batch import collate
 from posttrain.learner.learner import LearnerImpl, LearnerSettings
 from posttrain.models.logprobs import token_logprobs
+from posttrain.models.lora import LoraSettings
 from posttrain.models.tiny import tiny_model_path
 from posttrain.online.components import learner_settings
 
@@ -92,6 +93,23 @@ def test_kl_estimators_in_the_loss_start_at_zero_with_a_frozen_reference(estimat
     assert metrics["updates"] == 2.0
     assert metrics["kl"] != 0.0 and math.isfinite(metrics["kl"])  # the second update sees a moved policy
     assert learner.logprobs(_batch())[1] is not None
+
+
+@pytest.mark.parametrize(
+    ("kl", "adapter_off_passes"),
+    [(dict(kl_coef=0.0), 0), (dict(kl_coef=0.1), 2), (dict(kl_coef=0.0, reference=True), 2)],
+    ids=["no-kl", "kl-in-loss", "kl-in-reward"],
+)
+def test_lora_reference_pass_runs_only_when_a_kl_uses_it(kl, adapter_off_passes):
+    """With LoRA the reference is the adapter switched off; that forward (one per micro-batch: 6 rows / 4 = 2) is
+    made only when a KL needs it, and `kl` is logged only then."""
+    learner = _learner(lora=LoraSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]), **kl)
+    calls, disable = [], learner.model.disable_adapter
+    learner.model.disable_adapter = lambda: calls.append(1) or disable()
+    metrics = learner.train_step(_batch())
+    assert len(calls) == adapter_off_passes
+    assert math.isfinite(metrics["kl"]) == (adapter_off_passes > 0)
+    assert (learner.logprobs(_batch())[1] is None) == (adapter_off_passes == 0)
 
 
 def test_gspo_sequence_ratio_runs_several_updates():
