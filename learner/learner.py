@@ -45,7 +45,7 @@ from posttrain.algorithms.masked import masked_mean
 from posttrain.algorithms.reduction import reduce_loss
 from posttrain.learner.batch import TrainBatch, batch_to, select_rows
 from posttrain.models.loading import load_model, load_tokenizer
-from posttrain.models.logprobs import completion_logits, logprobs_from_logits, token_logprobs
+from posttrain.models.logprobs import autocast_body, completion_logits, logprobs_from_logits, token_logprobs
 from posttrain.models.lora import apply_lora, full_precision_copy, merged_state_dict, save_merged
 from posttrain.models.lora_adapter import LoraAdapter, lora_adapter
 from posttrain.models.training import (
@@ -84,6 +84,8 @@ class LearnerSettings(OptimizerSettings):
     reference: bool = False
     """compute reference log-probs even when `kl_coef` is 0 (the driver puts the KL in the reward)"""
     loss_reduction: str = "token-mean"
+    autocast: str = "none"
+    """"bf16": the model's forward/backward under bf16 autocast; the LM head and log-probs stay float32"""
     device: str = "auto"
     """"auto" = cuda when this process sees a GPU (a Ray actor sees one only if given `num_gpus`), else cpu"""
     empty_cuda_cache: bool = False
@@ -103,6 +105,8 @@ class LearnerImpl(WeightSender):
         self.settings = s = settings
         if s.loss not in LOSSES:
             raise ValueError(f"LearnerSettings.loss: unknown {s.loss!r}; allowed: {', '.join(LOSSES)}")
+        if s.autocast not in ("none", "bf16"):
+            raise ValueError(f"LearnerSettings.autocast: unknown {s.autocast!r}; allowed: none, bf16")
         if s.loss == "opd_jsd" and teacher is None:
             raise ValueError("LearnerSettings.loss: opd_jsd needs the teacher (LearnerImpl(settings, teacher=...))")
         self.teacher = teacher
@@ -143,7 +147,12 @@ class LearnerImpl(WeightSender):
             model = self.ref_model
         elif reference:  # LoRA: the base model is the reference, so switch the adapter off for this pass
             ctx = self.model.disable_adapter()
-        with ctx, contextlib.nullcontext() if with_grad else torch.no_grad():
+        autocast = torch.bfloat16 if s.autocast == "bf16" else None
+        with (
+            ctx,
+            contextlib.nullcontext() if with_grad else torch.no_grad(),
+            autocast_body(model, self.device.type, autocast),
+        ):
             return token_logprobs(
                 model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature, with_grad, mb.prompt_width
             )

@@ -144,3 +144,16 @@ def test_learner_settings_from_a_recipe():
     recipe["algorithm"] = {"name": "rft", "kl_coef": 0.05}
     s = learner_settings(validate_config(recipe), "m")
     assert (s.loss, s.kl_coef, s.reference) == ("sft", 0.05, True)
+
+
+def test_bf16_autocast_is_opt_in_and_close_to_float32():
+    recipe = {"model": {"path": "m"}, "data": {"kind": "arithmetic"}, "rewards": [{"fn": "math_accuracy"}]}
+    assert learner_settings(validate_config(recipe), "m").autocast == "none"
+    recipe["train"] = {"autocast": "bf16"}
+    assert learner_settings(validate_config(recipe), "m").autocast == "bf16"
+    with pytest.raises(ValueError, match="autocast"):
+        validate_config({**recipe, "train": {"autocast": "fp8"}})
+    fp32, bf16 = _learner().train_step(_batch()), _learner(autocast="bf16").train_step(_batch())
+    # with one update the loss is -mean(A) whatever the log-probs; the entropy shows the bf16 body's rounding
+    assert fp32["entropy"] != bf16["entropy"] and bf16["entropy"] == pytest.approx(fp32["entropy"], abs=0.02)
+    assert bf16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=0.05)
