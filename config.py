@@ -318,6 +318,10 @@ class TrainConfig(_Section):
     """sequences per forward/backward (gradient accumulation covers the rest)"""
     num_threads: int | None = Field(None, ge=1)
     """torch threads of the learner (default: all of this machine's cores; Ray alone would give 1)"""
+    autocast: Literal["none", "bf16"] = "none"
+    """online learner: run the model's forward/backward under bf16 autocast (weights, optimizer and the LM head's
+    log-probs stay float32); faster on CPUs with AMX/AVX512-BF16 and on GPUs, not bit-identical to float32
+    (docs/rollout-engines.md#speed)"""
     epochs: float | None = Field(None, gt=0)
     """offline algorithms: passes over the dataset; when set, `steps` = ceil(epochs * rows / batch_size)"""
     batch_size: int = Field(8, ge=1)

