@@ -89,10 +89,7 @@ def token_logprobs(
     start = completion_start or 0
     if not 0 <= start < input_ids_BT.shape[1]:
         raise ValueError(f"completion_start must be in [1, {input_ids_BT.shape[1]}), got {completion_start}")
-    # from S on: the positions S-1..T-2 exactly, as indices, so the logits come out contiguous [B, T-S, V]; the last
-    # T-S+1 positions (an int) would need a slice and a full-size copy of them, and the same again in the backward
-    extra = {"logits_to_keep": torch.arange(start - 1, input_ids_BT.shape[1] - 1, device=input_ids_BT.device)}
-    extra = extra if start else {}
+    extra = {"logits_to_keep": _predicting_positions(input_ids_BT, start)} if start else {}
     packed = position_ids_BT is not None
     output = model(
         input_ids=input_ids_BT,
@@ -144,9 +141,16 @@ def completion_logits(
         attention_mask=attention_mask_BT,
         position_ids=position_ids_from_mask(attention_mask_BT),
         use_cache=False,
-        logits_to_keep=input_ids_BT.shape[1] - completion_start + 1,
+        logits_to_keep=_predicting_positions(input_ids_BT, completion_start),
     )
-    return output.logits[:, :-1].float()  # positions start-1 .. T-2 predict columns start .. T-1
+    return output.logits.float()  # positions start-1 .. T-2 predict columns start .. T-1
+
+
+def _predicting_positions(input_ids_BT: torch.Tensor, start: int) -> torch.Tensor:
+    """The positions S-1..T-2 that predict completion columns S..T-1, as indices for `logits_to_keep`: the LM head's
+    logits then come out contiguous [B, T-S, V]. (The int form keeps the last T-S+1 positions, whose [:, :-1] slice
+    costs a full-size copy forward and a zero-filled gradient of that size backward.)"""
+    return torch.arange(start - 1, input_ids_BT.shape[1] - 1, device=input_ids_BT.device)
 
 
 def logprobs_from_logits(
