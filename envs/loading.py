@@ -3,7 +3,8 @@
 Three forms: `path/to/my_env.py:MyEnv` (a user's file; a relative path is resolved against the working directory),
 `package.module:MyEnv`, and a bare built-in name (`python_tool`; see `BUILTIN_ENVS`). `env.args` are its constructor's
 keyword arguments; one instance is built here at load time, so a missing file, a wrong name or a bad `args` fails
-before any model is loaded.
+before any model is loaded. Either class form behind `openenv:` names an OpenEnv environment, run unchanged through
+`openenv_adapter` (`env.args` are then the adapter's options).
 """
 
 from __future__ import annotations
@@ -31,16 +32,12 @@ def load_environment(
     Raises `EnvLoadError` naming `env.path` or `env.args` when the spec cannot be loaded, the class does not take
     `args`, or what it builds has no `reset` / `step` methods.
     """
-    if ":" not in spec and spec not in BUILTIN_ENVS:
-        raise EnvLoadError(
-            f"env.path = {spec!r}: not a built-in environment (built-ins: {sorted(BUILTIN_ENVS)}); name your own "
-            "class as 'path/to/my_env.py:MyEnv' or 'package.module:MyEnv'"
-        )
-    try:
-        cls = load_object(BUILTIN_ENVS.get(spec, spec), base_dir, what="environment")
-    except RewardLoadError as error:
-        raise EnvLoadError(f"env.path = {spec!r}: {error}") from None
-    factory = functools.partial(cls, **(args or {}))
+    if spec.startswith("openenv:"):
+        from posttrain.envs.openenv_adapter import openenv_factory  # openenv-core is optional: imported when named
+
+        factory = openenv_factory(spec, args, base_dir)
+    else:
+        factory = _native_factory(spec, args, base_dir)
     try:
         probe = factory()
     except Exception as error:
@@ -52,3 +49,16 @@ def load_environment(
             "has reset(row) -> messages and step(messages) -> StepResult (posttrain.envs.Environment)"
         )
     return factory
+
+
+def _native_factory(spec: str, args: dict[str, Any] | None, base_dir) -> functools.partial:
+    if ":" not in spec and spec not in BUILTIN_ENVS:
+        raise EnvLoadError(
+            f"env.path = {spec!r}: not a built-in environment (built-ins: {sorted(BUILTIN_ENVS)}); name your own "
+            "class as 'path/to/my_env.py:MyEnv' or 'package.module:MyEnv'"
+        )
+    try:
+        cls = load_object(BUILTIN_ENVS.get(spec, spec), base_dir, what="environment")
+    except RewardLoadError as error:
+        raise EnvLoadError(f"env.path = {spec!r}: {error}") from None
+    return functools.partial(cls, **(args or {}))
