@@ -414,12 +414,14 @@ class PPOConfig(_Section):
 
 class EnvConfig(_Section):
     path: str | None = None
-    """a multi-turn environment, `path/to/my_env.py:MyEnv`, `package.module:MyEnv` or the built-in `python_tool`
-    (docs/environments.md); each prompt's samples become episodes: the model and the environment take turns, the
+    """a multi-turn environment, `path/to/my_env.py:MyEnv`, `package.module:MyEnv`, the built-in `python_tool`, or an
+    OpenEnv environment run unchanged, `openenv:<file or module>:<Class>` (docs/environments.md); each prompt's samples
+    become episodes: the model and the environment take turns, the
     environment's reward is the sample's reward and its tokens carry no loss. none = single-turn completions scored
     by `rewards`"""
     args: dict[str, Any] = {}
-    """keyword arguments of the environment's constructor"""
+    """keyword arguments of the environment's constructor; for `openenv:` the adapter's options (its constructor's
+    arguments under `env_args`)"""
     max_turns: int = Field(4, ge=1)
     """model turns per episode"""
     max_episode_tokens: int = Field(1024, ge=1)
