@@ -5,6 +5,7 @@ runner and GRPO as those of a native environment."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,21 @@ def test_the_recipe_resolves_what_the_class_leaves_open():
     env = game("TwoTextEnvironment", observation_field="note")()
     assert env.reset({"answer": 1}) == [{"role": "user", "content": "your move"}]
     assert env.step([said("x")]).messages == [{"role": "user", "content": "again"}]
+
+
+def test_a_single_thread_class_runs_every_call_on_one_thread_and_a_non_observation_is_named():
+    factory = game("SingleThreadEnvironment")
+    threads = []
+    for env in (factory(), factory()):
+        worker = threading.Thread(target=lambda env=env: env.reset({"answer": 1}))
+        worker.start()
+        worker.join()
+        threads += [env.env.threads[0], worker.ident]
+    assert threads[0] == threads[2] and threads[0] not in (threads[1], threads[3], threading.get_ident())
+    env = game("DictStepEnvironment")()
+    env.reset({"answer": 1})
+    with pytest.raises(TypeError, match="DictStepEnvironment.step returned dict, not an openenv Observation"):
+        env.step([said("1")])
 
 
 def test_episodes_on_the_tiny_model_get_the_games_replies_and_a_raising_reset_is_named():

@@ -4,6 +4,7 @@ unchanged through `env.path: openenv:<this file>:<Class>`."""
 
 import asyncio
 import re
+import threading
 from uuid import uuid4
 
 from openenv.core.env_server.interfaces import Environment
@@ -123,3 +124,20 @@ class TwoTextEnvironment(Environment[GuessAction, TwoTextObservation, State]):
 
     def step(self, action, timeout_s=None, **kwargs) -> TwoTextObservation:
         return TwoTextObservation(board=f"{action.guess}..", note="again", done=True, reward=0.5)
+
+
+class SingleThreadEnvironment(GuessEnvironment):
+    """Must be called from one thread (as Playwright-based environments must); records which thread ran each call."""
+
+    REQUIRES_SINGLE_THREAD_EXECUTOR = True
+
+    def reset(self, seed=None, episode_id=None, **kwargs):
+        self.threads = [threading.get_ident()]
+        return super().reset(seed, episode_id, **kwargs)
+
+
+class DictStepEnvironment(GuessEnvironment):
+    """Its step returns a dict instead of an Observation."""
+
+    def step(self, action, timeout_s=None, **kwargs):
+        return {"prompt": "oops"}
