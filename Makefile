@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: on CPU machines this takes the local CPU build instead of a multi-GB CUDA one
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# openenv-core (the OpenEnv adapter's tests) without its gradio requirement, which the adapter never imports
+	# and which would downgrade pillow: the package itself, then the runtime needs it imports
+	$(PY) -m pip install -q --no-deps openenv-core==0.3.0
+	$(PY) -m pip install -q fastmcp==4.2.3 tomli==2.5.0 tomli-w==1.2.0
 	# vLLM for the `vllm` rollout engine and its tests (CPU build, ~133 MB; it pins this torch). The torchvision,
 	# torchaudio and torchcodec it pulls in break imports next to this torch and are not used: removed.
 	$(PY) -m pip install -q $(VLLM_PACKAGE)
