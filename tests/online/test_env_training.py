@@ -1,15 +1,18 @@
-"""GRPO with an environment (`env:`) end to end on a tiny random model through Ray: episodes are the samples, the
-environment's reward their reward, and the learner's loss mask covers the model's own tokens only."""
+"""GRPO and PPO with an environment (`env:`) end to end on a tiny random model through Ray: episodes are the samples,
+the environment's reward their reward, and the learner's loss mask (and PPO's GAE steps) cover the model's own tokens
+only."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from posttrain.config import validate_config
 from posttrain.models.tiny import tiny_model_path
+from posttrain.online.ppo import ppo_batch
 from posttrain.online.trainer import OnlineTrainer
 from posttrain.run_folder.run_dir import read_metrics
 
@@ -62,3 +65,46 @@ def test_grpo_trains_on_guess_the_number_episodes_with_env_tokens_masked(tmp_pat
     assert "<|im_start|>user\nNo, " in "".join(s["completion"] for s in samples)  # the environment's hints
     after = ray_session.get(trainer.pool.workers[0].get_weights.remote())
     assert any(not torch.equal(after[name], initial[name]) for name in initial)  # the learner stepped and synced
+
+
+def _reply_between_turns(mask: list[int]) -> bool:
+    """Whether a 0 (the environment's or the template's token) sits between two of the model's tokens."""
+    model = [t for t, m in enumerate(mask) if m]
+    return bool(model) and 0 in mask[model[0] : model[-1]]
+
+
+def test_ppo_trains_on_episodes_with_gae_over_the_model_tokens_only(tmp_path, ray_session):
+    raw = env_recipe(tmp_path)
+    raw["algorithm"] = {"name": "ppo", "prompts_per_step": 3, "samples_per_prompt": 2}
+    raw["ppo"] = {"critic_lr": 1e-2, "gamma": 1.0, "lam": 1.0}  # lam 1, no KL: every step's return is the score
+    trainer = OnlineTrainer(validate_config(raw))
+    try:
+        rollout = trainer.collect(1)
+        pad_id = trainer.format.tokenizer.pad_token_id
+        batch, _ = ppo_batch(trainer.cfg, rollout.samples, rollout.totals, pad_id, trainer.learner, trainer.critic)
+        mask_BC = batch.loss_mask_BC.bool()
+        assert batch.max_completion_tokens == 160  # env.max_episode_tokens
+        assert any(_reply_between_turns(s.completion_mask) for s in rollout.samples)  # GAE has a gap to skip
+        for i, sample in enumerate(rollout.samples):
+            model_tokens = mask_BC[i].nonzero().flatten()
+            # gamma = lam = 1 and no KL: the return of every model token is the episode's reward, also on the turns
+            # before an environment's reply (GAE bootstraps over the reply instead of ending the episode there)
+            expected = torch.full((len(model_tokens),), rollout.totals[i])
+            torch.testing.assert_close(batch.returns_BC[i, model_tokens], expected, atol=1e-5, rtol=0)
+            assert sample.episode["turns"] >= 1 and len(model_tokens) == sum(sample.completion_mask)
+        # the environment's tokens and the padding carry no value, return or advantage
+        for name in ("old_values_BC", "returns_BC", "token_advantages_BC"):
+            assert not getattr(batch, name)[~mask_BC].any(), name
+        assert batch.old_values_BC[mask_BC].abs().sum() > 0  # the critic valued the model's tokens
+        run_dir = trainer.run()
+    finally:
+        for actor in [trainer.learner, trainer.critic, *trainer.pool.workers]:
+            ray_session.kill(actor)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["env/failed_episodes"] == 0 and row["reward/env/count"] == 6 and row["env/env_tokens/mean"] > 0
+        assert row["critic/updates"] >= 1 and math.isfinite(row["critic/value_loss"]) and row["updates"] >= 1
+        assert math.isfinite(row["ppo/returns_mean"]) and math.isfinite(row["loss"])
+    assert rows[0]["rollout/logprob_diff"] < 1e-4
+    assert {p.name for p in (run_dir / "checkpoints" / "step-2").iterdir()} >= {"learner.pt", "critic.pt"}
