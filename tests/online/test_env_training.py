@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from posttrain.config import validate_config
@@ -108,3 +109,18 @@ def test_ppo_trains_on_episodes_with_gae_over_the_model_tokens_only(tmp_path, ra
         assert math.isfinite(row["ppo/returns_mean"]) and math.isfinite(row["loss"])
     assert rows[0]["rollout/logprob_diff"] < 1e-4
     assert {p.name for p in (run_dir / "checkpoints" / "step-2").iterdir()} >= {"learner.pt", "critic.pt"}
+
+
+@pytest.mark.slow  # ~2 min on 2 shared cores (vLLM starts in a Ray actor)
+def test_grpo_on_episodes_with_vllm_rollouts(tmp_path, ray_session):
+    raw = env_recipe(tmp_path)
+    raw["model"]["path"] = str(tiny_model_path(num_heads=2))  # vLLM's CPU attention needs a head size of at least 32
+    raw["rollout"]["engine"] = "vllm"
+    run_dir = OnlineTrainer(validate_config(raw)).run()
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["env/failed_episodes"] == 0 and row["env/env_tokens/mean"] > 0 and row["env/turns/mean"] >= 1
+        # the learner scores vLLM's ids in their context as vLLM did; step 2's come from the weights synced after step 1
+        assert row["rollout/logprob_diff"] < 1e-4
+    assert rows[1]["time/sync"] > 0
