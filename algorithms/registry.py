@@ -213,7 +213,7 @@ register(
         name="rft",
         family="online",
         doc="online rejection-sampling fine-tuning: SFT on the best / verified samples (docs/algorithms.md#online-rft)",
-        reads=ONLINE | {"algorithm.rft_keep", "algorithm.rft_min_reward"},
+        reads=ONLINE | {"algorithm.rft_keep", "algorithm.rft_min_reward", "env"},
         learner_loss="sft",
         notes={
             "algorithm.dynamic_sampling": "rft learns from groups that all pass too",

@@ -62,7 +62,7 @@ def recipe(**env) -> dict:
 def test_the_env_section_replaces_rewards_for_the_algorithms_whose_spec_reads_it():
     cfg = validate_config(recipe(max_turns=3, args={"high": 5}))
     assert (cfg.env.max_turns, cfg.env.args, cfg.env.on_error, cfg.rewards) == (3, {"high": 5}, "skip", [])
-    with_env = ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo"]
+    with_env = ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "ppo"]
     assert readers("env") == with_env  # the registry says who trains on episodes
     for name in with_env[1:]:
         validate_config({**recipe(), "algorithm": {"name": name}})

@@ -68,6 +68,22 @@ def test_grpo_trains_on_guess_the_number_episodes_with_env_tokens_masked(tmp_pat
     assert any(not torch.equal(after[name], initial[name]) for name in initial)  # the learner stepped and synced
 
 
+def _env_rows(run_dir: Path) -> list[dict]:
+    """The two steps' metrics; every episode ran (none failed) and the environment replied in some."""
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["env/failed_episodes"] == 0 and row["env/env_tokens/mean"] > 0 and row["env/turns/mean"] >= 1
+    return rows
+
+
+def _kill_actors(ray_session, trainer: OnlineTrainer) -> None:
+    """Free the shared Ray session's CPUs for the next test."""
+    for actor in [trainer.learner, trainer.critic, *trainer.pool.workers]:
+        if actor is not None:
+            ray_session.kill(actor)
+
+
 def _reply_between_turns(mask: list[int]) -> bool:
     """Whether a 0 (the environment's or the template's token) sits between two of the model's tokens."""
     model = [t for t, m in enumerate(mask) if m]
@@ -99,13 +115,15 @@ def test_ppo_trains_on_episodes_with_gae_over_the_model_tokens_only(tmp_path, ra
         assert batch.old_values_BC[mask_BC].abs().sum() > 0  # the critic valued the model's tokens
         run_dir = trainer.run()
     finally:
-        for actor in [trainer.learner, trainer.critic, *trainer.pool.workers]:
-            ray_session.kill(actor)
-    rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2]
+        _kill_actors(ray_session, trainer)
+    rows = _env_rows(run_dir)
     for row in rows:
-        assert row["env/failed_episodes"] == 0 and row["reward/env/count"] == 6 and row["env/env_tokens/mean"] > 0
-        assert row["critic/updates"] >= 1 and math.isfinite(row["critic/value_loss"]) and row["updates"] >= 1
+        assert (
+            row["reward/env/count"] == 6
+            and row["critic/updates"] >= 1
+            and math.isfinite(row["critic/value_loss"])
+            and row["updates"] >= 1
+        )
         assert math.isfinite(row["ppo/returns_mean"]) and math.isfinite(row["loss"])
     assert rows[0]["rollout/logprob_diff"] < 1e-4
     assert {p.name for p in (run_dir / "checkpoints" / "step-2").iterdir()} >= {"learner.pt", "critic.pt"}
@@ -117,10 +135,34 @@ def test_grpo_on_episodes_with_vllm_rollouts(tmp_path, ray_session):
     raw["model"]["path"] = str(tiny_model_path(num_heads=2))  # vLLM's CPU attention needs a head size of at least 32
     raw["rollout"]["engine"] = "vllm"
     run_dir = OnlineTrainer(validate_config(raw)).run()
-    rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2]
+    rows = _env_rows(run_dir)
     for row in rows:
-        assert row["env/failed_episodes"] == 0 and row["env/env_tokens/mean"] > 0 and row["env/turns/mean"] >= 1
         # the learner scores vLLM's ids in their context as vLLM did; step 2's come from the weights synced after step 1
         assert row["rollout/logprob_diff"] < 1e-4
     assert rows[1]["time/sync"] > 0
+
+
+def test_online_rft_keeps_the_best_episode_of_each_row_and_trains_on_its_model_tokens(tmp_path, ray_session):
+    raw = env_recipe(tmp_path)
+    raw["algorithm"] = {"name": "rft", "prompts_per_step": 2, "samples_per_prompt": 3, "rft_min_reward": None}
+    trainer = OnlineTrainer(validate_config(raw))
+    try:
+        rollout = trainer.collect(1)
+        batch, metrics = trainer.rft_batch(rollout)
+        assert metrics["rft/kept_samples"] == 2 and batch.max_completion_tokens == 160
+        for k, g in enumerate((0, 1)):  # the kept episode of each row is its best
+            totals = rollout.totals[3 * g : 3 * g + 3]
+            best = rollout.samples[3 * g + totals.index(max(totals))]
+            c = len(best.completion_token_ids)
+            P = batch.prompt_width
+            assert batch.input_ids_BT[k, P : P + c].tolist() == best.completion_token_ids
+            # the SFT loss covers the model's tokens only, not the environment's replies
+            assert batch.loss_mask_BC[k, :c].tolist() == [float(m) for m in best.completion_mask]
+        initial = ray_session.get(trainer.learner.get_weights.remote(False))
+        run_dir = trainer.run()
+        after = ray_session.get(trainer.learner.get_weights.remote(False))
+    finally:
+        _kill_actors(ray_session, trainer)
+    for row in _env_rows(run_dir):
+        assert row["rft/kept_samples"] == 2 and row["updates"] == 1 and row["nll"] > 0
+    assert any(not torch.equal(after[name], initial[name]) for name in initial)
