@@ -1,9 +1,10 @@
 """PPO's token-level advantages (GAE with a value model), its clipped value loss and the critic's explained
 variance. (REINFORCE++'s critic-free token advantages are in `algorithms/reinforce_pp.py`.)
 
-All inputs are `[batch, tokens]` over the completion, right-padded: `mask_BT` is 1 on a contiguous run of
-completion tokens of each row (a row may also start with masked-out prompt positions) and 0 on padding. Outputs are
-exactly 0 at masked-out positions. These are no-gradient computations: pass detached rewards/values (except
+All inputs are `[batch, tokens]` over the completion, right-padded: `mask_BT` is 1 on the tokens the policy chose
+(the actions) and 0 on padding, on masked-out prompt positions and, in a multi-turn episode, on the tokens the
+environment and the chat template put between the model's turns (they are not actions). Outputs are exactly 0 at
+masked-out positions. These are no-gradient computations: pass detached rewards/values (except
 `value_loss`, which needs the gradient of `values_BT`).
 """
 
@@ -36,8 +37,11 @@ def gae(
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation by a backward scan (Schulman et al., 1506.02438, eq. 16; PPO 1707.06347 eq. 11).
 
-    `delta_t = r_t + gamma V_{t+1} - V_t`, `A_t = delta_t + gamma lam A_{t+1}`, with V and A taken as 0 after the
-    last completion token (the episode ends there: no bootstrap from padding). Returns `(advantages_BT,
+    `delta_t = r_t + gamma V_{t+1} - V_t`, `A_t = delta_t + gamma lam A_{t+1}`, over the masked tokens only: `t + 1`
+    is the row's next masked token, and V and A are 0 after the last one (the episode ends there: no bootstrap from
+    padding). Masked-out tokens inside a row (an environment's reply between two model turns) are not steps: the
+    last token of a turn bootstraps from the value of the next turn's first token, whose state includes the reply,
+    and no discount is spent on the reply (verl's multi-turn GAE does the same). Returns `(advantages_BT,
     returns_BT = A + V)`, both 0 at masked-out positions. Whitening is separate (`whiten`), applied to the
     advantages only, after the returns are formed.
     Deviations: none.
@@ -51,10 +55,13 @@ def gae(
     next_value_B = torch.zeros_like(values_BT[:, 0])
     next_advantage_B = torch.zeros_like(values_BT[:, 0])
     for t in reversed(range(num_tokens)):
+        step_B = mask_BT[:, t].bool()
         delta_B = rewards_BT[:, t] + gamma * next_value_B - values_BT[:, t]
-        advantage_B = (delta_B + gamma * lam * next_advantage_B) * mask_BT[:, t]
+        advantage_B = torch.where(step_B, delta_B + gamma * lam * next_advantage_B, 0.0)
         advantages.append(advantage_B)
-        next_value_B, next_advantage_B = values_BT[:, t], advantage_B
+        # a masked-out token is not a step: the next step back bootstraps from the step after it
+        next_value_B = torch.where(step_B, values_BT[:, t], next_value_B)
+        next_advantage_B = torch.where(step_B, advantage_B, next_advantage_B)
     advantages_BT = torch.stack(advantages[::-1], dim=1)
     return advantages_BT, (advantages_BT + values_BT) * mask_BT
 

@@ -102,7 +102,7 @@ CLIPPED = ONLINE | {
 """online with the clipped policy loss"""
 POLICY_GRADIENT = CLIPPED | {"algorithm.dynamic_sampling", "algorithm.max_refill_rounds", "env"}
 """online with an advantage estimator (DAPO's dynamic sampling drops groups that carry no signal; `env`: multi-turn
-episodes with an environment, docs/environments.md)"""
+episodes with an environment, docs/environments.md: an algorithm that reads `env` trains on episodes)"""
 TRACES = (
     OFFLINE
     | {"rewards", "scoring", "ray", "traces", "sft.completion_only", "algorithm.on_reward_error"}
@@ -213,7 +213,7 @@ register(
         name="rft",
         family="online",
         doc="online rejection-sampling fine-tuning: SFT on the best / verified samples (docs/algorithms.md#online-rft)",
-        reads=ONLINE | {"algorithm.rft_keep", "algorithm.rft_min_reward"},
+        reads=ONLINE | {"algorithm.rft_keep", "algorithm.rft_min_reward", "env"},
         learner_loss="sft",
         notes={
             "algorithm.dynamic_sampling": "rft learns from groups that all pass too",
@@ -237,7 +237,7 @@ register(
         name="ppo",
         family="online",
         doc="PPO with a critic and GAE (docs/algorithms.md#ppo)",
-        reads=CLIPPED | {"ppo"},
+        reads=CLIPPED | {"ppo", "env"},
         learner_loss="policy",
         needs_critic=True,
         notes={

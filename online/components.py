@@ -71,6 +71,12 @@ def check_reward_columns(specs: list[RewardSpec], train_rows: list[dict], eval_r
     check_columns(specs, list(eval_rows), "eval.data")
 
 
+def completion_budget(cfg: RecipeConfig) -> int:
+    """What one sample may hold after its prompt (the fixed normaliser of seq-mean-token-sum-norm): a completion's
+    `rollout.max_new_tokens`, or a whole episode's `env.max_episode_tokens` (every turn and reply after the prompt)."""
+    return cfg.env.max_episode_tokens if cfg.env.path is not None else cfg.rollout.max_new_tokens
+
+
 def load_data(cfg: RecipeConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train rows, eval rows)."""
     train_rows = load_rows(cfg.data)

@@ -6,6 +6,10 @@ token, GAE(gamma, lam) with the critic's values, returns = advantages + values, 
 the batch. `OnlineTrainer` runs the loop; the learner takes the clipped-surrogate steps on the per-token advantages
 (`token_advantages_BC`) and the critic (`learner/critic.py`) regresses on the returns, both over `epochs_per_batch` x
 `mini_batches`. With `algorithm.kl_in: loss` the KL goes in the learner's loss instead and the rewards carry none.
+
+On an environment's episodes (`env:`) the loss mask is 1 on the model's own tokens only, and so are the steps: the
+episode's reward lands on its last model token, the KL, values and returns sit on the model's tokens, and GAE skips
+the environment's replies between turns (`algorithms/gae.py`; docs/environments.md#ppo-on-episodes).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def ppo_batch(
     `totals` are the samples' rewards (NaN = skipped: the sample stays in the batch with no loss tokens)."""
     algo, ppo = cfg.algorithm, cfg.ppo
     placeholder = [0.0 if t == t else math.nan for t in totals]  # NaN masks a skipped sample
-    batch = collate(samples, placeholder, pad_token_id, cfg.rollout.max_new_tokens)
+    batch = collate(samples, placeholder, pad_token_id, components.completion_budget(cfg))
     mask_BC = batch.loss_mask_BC
     start = time.perf_counter()
     values_ref = critic.values.remote(batch)  # runs while the learner computes the log-probs

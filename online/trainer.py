@@ -143,10 +143,9 @@ class OnlineTrainer:
         teacher = teacher_path(cfg, self.model_path) if self.spec.needs_teacher else None  # tokenizers checked
         self.format = components.PromptFormatter(cfg, self.model_path)
         self.env = EnvRollout(cfg, self.format.tokenizer) if cfg.env.path is not None else None  # episodes, not prompts
-        # the fixed normaliser of seq-mean-token-sum-norm: what one sample may hold after its prompt
-        self.completion_budget = cfg.env.max_episode_tokens if self.env is not None else cfg.rollout.max_new_tokens
+        self.completion_budget = components.completion_budget(cfg)
         self.accuracy_name = components.accuracy_reward_name(cfg)
-        needs = ("learner.pt", "critic.pt") if cfg.algorithm.name == "ppo" else ("learner.pt",)
+        needs = ("learner.pt", "critic.pt") if self.spec.needs_critic else ("learner.pt",)
         self.run_dir, self.start_step, resume_ckpt = open_run_dir(cfg, needs=needs)
         self.step, self._no_signal = self.start_step, False  # the step in progress; the last one had no signal
         self.policy_version = self.rollout_version = self.start_step  # learner updates; the workers' weights' version
@@ -325,8 +324,7 @@ class OnlineTrainer:
         }
         if not kept:
             return None, metrics
-        pad_id, max_tokens = self.format.tokenizer.pad_token_id, self.cfg.rollout.max_new_tokens
-        return collate(kept, [1.0] * len(kept), pad_id, max_tokens), metrics
+        return collate(kept, [1.0] * len(kept), self.format.tokenizer.pad_token_id, self.completion_budget), metrics
 
     def _versioned_collect(self, step: int) -> tuple[StepRollout, float]:
         """`collect(step)` with the version of the weights it sampled from recorded; (rollout, wall seconds)."""

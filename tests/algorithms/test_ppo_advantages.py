@@ -45,16 +45,52 @@ def _gae_loop(rewards, values, mask, gamma, lam):
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
 def test_gae_scan_matches_loop_twin_with_padding(gamma, lam):
     gen = torch.Generator().manual_seed(3)
-    rewards = torch.randn(4, 6, generator=gen, dtype=torch.float64)
-    values = torch.randn(4, 6, generator=gen, dtype=torch.float64)
-    # right padding of various lengths, one row with a masked-out prompt prefix, one empty row
+    rewards = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    values = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    # right padding of various lengths, one row with a masked-out prompt prefix, one empty row, one episode whose
+    # model turns are split by environment tokens (the twin walks the masked tokens only, so they are skipped)
     mask = torch.tensor(
-        [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float64
+        [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0], [1, 0, 0, 1, 1, 0]],
+        dtype=torch.float64,
     )
     adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
     adv_twin, ret_twin = _gae_loop(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(adv, adv_twin, atol=1e-6, rtol=0)
     torch.testing.assert_close(ret, ret_twin, atol=1e-6, rtol=0)
+
+
+def test_gae_over_a_multi_turn_episode_skips_the_environment_tokens():
+    # model turn [0, 1], the environment's reply [2, 3] (mask 0), model turn [4, 5], padding [6]; gamma 0.9, lam 0.5.
+    # The steps are the model's tokens 0, 1, 4, 5 (V 0.2, 0.4, 0.5, 0.6); the reply's rewards and values are ignored:
+    # A_5 = 1 - 0.6 = 0.4
+    # A_4 = (0 + 0.9 * 0.6 - 0.5) + 0.45 * 0.4 = 0.04 + 0.18 = 0.22
+    # A_1 = (0 + 0.9 * 0.5 - 0.4) + 0.45 * 0.22 = 0.05 + 0.099 = 0.149   (bootstraps from token 4, over the reply)
+    # A_0 = (0 + 0.9 * 0.4 - 0.2) + 0.45 * 0.149 = 0.16 + 0.06705 = 0.22705
+    # returns = A + V = [0.42705, 0.549, 0, 0, 0.72, 1.0, 0]
+    rewards = torch.tensor([[0.0, 0.0, 7.0, 7.0, 0.0, 1.0, 5.0]], dtype=torch.float64)
+    values = torch.tensor([[0.2, 0.4, 9.0, 9.0, 0.5, 0.6, 3.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    expected_adv = torch.tensor([[0.22705, 0.149, 0.0, 0.0, 0.22, 0.4, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(adv, expected_adv, atol=1e-9, rtol=0)
+    expected_ret = torch.tensor([[0.42705, 0.549, 0.0, 0.0, 0.72, 1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(ret, expected_ret, atol=1e-9, rtol=0)
+    # the same as GAE over the model's tokens alone, as one contiguous completion
+    steps = mask[0].bool()
+    adv_alone, _ = gae(rewards[:, steps], values[:, steps], torch.ones(1, 4), gamma=0.9, lam=0.5)
+    torch.testing.assert_close(adv[:, steps], adv_alone, atol=1e-12, rtol=0)
+
+
+def test_ppo_advantages_put_an_episodes_score_and_kl_on_the_model_tokens_only():
+    # kl_coef 0.5, gamma 1, lam 1: rewards at the model's tokens [-0.05, -0.1, 1 - 0.15 = 0.85] (token 3, the last
+    # model token, gets the score; the environment's tokens 1, 2 and the padding carry neither KL nor score);
+    # with lam = 1 and gamma = 1, A_t = (rewards still to come) - V_t: [0.7 - 0.2, 0.75 - 0.4, 0.85 - 0.5]
+    values = torch.tensor([[0.2, 9.0, 9.0, 0.4, 0.5, 9.0]])
+    kl = torch.tensor([[0.1, 5.0, 5.0, 0.2, 0.3, 5.0]])
+    mask = torch.tensor([[1, 0, 0, 1, 1, 0]])
+    adv, ret = ppo_advantages(torch.tensor([1.0]), values, mask, kl, 0.5, gamma=1.0, lam=1.0, whiten_advantages=False)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.0, 0.0, 0.35, 0.35, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ret, torch.tensor([[0.7, 0.0, 0.0, 0.75, 0.85, 0.0]]), atol=1e-6, rtol=0)
 
 
 def test_gae_token_rewards_adds_score_at_last_token():

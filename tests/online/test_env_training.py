@@ -1,15 +1,19 @@
-"""GRPO with an environment (`env:`) end to end on a tiny random model through Ray: episodes are the samples, the
-environment's reward their reward, and the learner's loss mask covers the model's own tokens only."""
+"""GRPO and PPO with an environment (`env:`) end to end on a tiny random model through Ray: episodes are the samples,
+the environment's reward their reward, and the learner's loss mask (and PPO's GAE steps) cover the model's own tokens
+only."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from posttrain.config import validate_config
 from posttrain.models.tiny import tiny_model_path
+from posttrain.online.ppo import ppo_batch
 from posttrain.online.trainer import OnlineTrainer
 from posttrain.run_folder.run_dir import read_metrics
 
@@ -62,3 +66,103 @@ def test_grpo_trains_on_guess_the_number_episodes_with_env_tokens_masked(tmp_pat
     assert "<|im_start|>user\nNo, " in "".join(s["completion"] for s in samples)  # the environment's hints
     after = ray_session.get(trainer.pool.workers[0].get_weights.remote())
     assert any(not torch.equal(after[name], initial[name]) for name in initial)  # the learner stepped and synced
+
+
+def _env_rows(run_dir: Path) -> list[dict]:
+    """The two steps' metrics; every episode ran (none failed) and the environment replied in some."""
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["env/failed_episodes"] == 0 and row["env/env_tokens/mean"] > 0 and row["env/turns/mean"] >= 1
+    return rows
+
+
+def _kill_actors(ray_session, trainer: OnlineTrainer) -> None:
+    """Free the shared Ray session's CPUs for the next test."""
+    for actor in [trainer.learner, trainer.critic, *trainer.pool.workers]:
+        if actor is not None:
+            ray_session.kill(actor)
+
+
+def _reply_between_turns(mask: list[int]) -> bool:
+    """Whether a 0 (the environment's or the template's token) sits between two of the model's tokens."""
+    model = [t for t, m in enumerate(mask) if m]
+    return bool(model) and 0 in mask[model[0] : model[-1]]
+
+
+def test_ppo_trains_on_episodes_with_gae_over_the_model_tokens_only(tmp_path, ray_session):
+    raw = env_recipe(tmp_path)
+    raw["algorithm"] = {"name": "ppo", "prompts_per_step": 3, "samples_per_prompt": 2}
+    raw["ppo"] = {"critic_lr": 1e-2, "gamma": 1.0, "lam": 1.0}  # lam 1, no KL: every step's return is the score
+    trainer = OnlineTrainer(validate_config(raw))
+    try:
+        rollout = trainer.collect(1)
+        pad_id = trainer.format.tokenizer.pad_token_id
+        batch, _ = ppo_batch(trainer.cfg, rollout.samples, rollout.totals, pad_id, trainer.learner, trainer.critic)
+        mask_BC = batch.loss_mask_BC.bool()
+        assert batch.max_completion_tokens == 160  # env.max_episode_tokens
+        assert any(_reply_between_turns(s.completion_mask) for s in rollout.samples)  # GAE has a gap to skip
+        for i, sample in enumerate(rollout.samples):
+            model_tokens = mask_BC[i].nonzero().flatten()
+            # gamma = lam = 1 and no KL: the return of every model token is the episode's reward, also on the turns
+            # before an environment's reply (GAE bootstraps over the reply instead of ending the episode there)
+            expected = torch.full((len(model_tokens),), rollout.totals[i])
+            torch.testing.assert_close(batch.returns_BC[i, model_tokens], expected, atol=1e-5, rtol=0)
+            assert sample.episode["turns"] >= 1 and len(model_tokens) == sum(sample.completion_mask)
+        # the environment's tokens and the padding carry no value, return or advantage
+        for name in ("old_values_BC", "returns_BC", "token_advantages_BC"):
+            assert not getattr(batch, name)[~mask_BC].any(), name
+        assert batch.old_values_BC[mask_BC].abs().sum() > 0  # the critic valued the model's tokens
+        run_dir = trainer.run()
+    finally:
+        _kill_actors(ray_session, trainer)
+    rows = _env_rows(run_dir)
+    for row in rows:
+        assert (
+            row["reward/env/count"] == 6
+            and row["critic/updates"] >= 1
+            and math.isfinite(row["critic/value_loss"])
+            and row["updates"] >= 1
+        )
+        assert math.isfinite(row["ppo/returns_mean"]) and math.isfinite(row["loss"])
+    assert rows[0]["rollout/logprob_diff"] < 1e-4
+    assert {p.name for p in (run_dir / "checkpoints" / "step-2").iterdir()} >= {"learner.pt", "critic.pt"}
+
+
+@pytest.mark.slow  # ~2 min on 2 shared cores (vLLM starts in a Ray actor)
+def test_grpo_on_episodes_with_vllm_rollouts(tmp_path, ray_session):
+    raw = env_recipe(tmp_path)
+    raw["model"]["path"] = str(tiny_model_path(num_heads=2))  # vLLM's CPU attention needs a head size of at least 32
+    raw["rollout"]["engine"] = "vllm"
+    run_dir = OnlineTrainer(validate_config(raw)).run()
+    rows = _env_rows(run_dir)
+    for row in rows:
+        # the learner scores vLLM's ids in their context as vLLM did; step 2's come from the weights synced after step 1
+        assert row["rollout/logprob_diff"] < 1e-4
+    assert rows[1]["time/sync"] > 0
+
+
+def test_online_rft_keeps_the_best_episode_of_each_row_and_trains_on_its_model_tokens(tmp_path, ray_session):
+    raw = env_recipe(tmp_path)
+    raw["algorithm"] = {"name": "rft", "prompts_per_step": 2, "samples_per_prompt": 3, "rft_min_reward": None}
+    trainer = OnlineTrainer(validate_config(raw))
+    try:
+        rollout = trainer.collect(1)
+        batch, metrics = trainer.rft_batch(rollout)
+        assert metrics["rft/kept_samples"] == 2 and batch.max_completion_tokens == 160
+        for k, g in enumerate((0, 1)):  # the kept episode of each row is its best
+            totals = rollout.totals[3 * g : 3 * g + 3]
+            best = rollout.samples[3 * g + totals.index(max(totals))]
+            c = len(best.completion_token_ids)
+            P = batch.prompt_width
+            assert batch.input_ids_BT[k, P : P + c].tolist() == best.completion_token_ids
+            # the SFT loss covers the model's tokens only, not the environment's replies
+            assert batch.loss_mask_BC[k, :c].tolist() == [float(m) for m in best.completion_mask]
+        initial = ray_session.get(trainer.learner.get_weights.remote(False))
+        run_dir = trainer.run()
+        after = ray_session.get(trainer.learner.get_weights.remote(False))
+    finally:
+        _kill_actors(ray_session, trainer)
+    for row in _env_rows(run_dir):
+        assert row["rft/kept_samples"] == 2 and row["updates"] == 1 and row["nll"] > 0
+    assert any(not torch.equal(after[name], initial[name]) for name in initial)
