@@ -1,6 +1,7 @@
 """Built-in reward functions, in TRL GRPOTrainer's interface. Named in recipes as `math_accuracy`, `format`,
 `code_tests` (defined in `rewards.code`), `overlong_penalty` and `length_penalty` (in `rewards.shaping`),
-`reward_model` (in `rewards.reward_model`) and `reasoning_gym` (in `rewards.reasoning_gym`)."""
+`reward_model` (in `rewards.reward_model`), `llm_judge` (in `rewards.llm_judge`) and `reasoning_gym` (in
+`rewards.reasoning_gym`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from posttrain.rewards.code import code_tests
 from posttrain.rewards.combine import completion_text
+from posttrain.rewards.llm_judge import llm_judge
 from posttrain.rewards.reasoning_gym import reasoning_gym_reward
 from posttrain.rewards.reward_model import reward_model
 from posttrain.rewards.shaping import length_penalty, overlong_penalty
@@ -95,6 +97,7 @@ BUILTIN_REWARDS = {
     "overlong_penalty": overlong_penalty,
     "length_penalty": length_penalty,
     "reward_model": reward_model,
+    "llm_judge": llm_judge,
     "reasoning_gym": reasoning_gym_reward,
 }
 """Names accepted by `load_reward_function` without a path."""

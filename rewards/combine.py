@@ -2,8 +2,9 @@
 
 Reward functions follow TRL GRPOTrainer's interface: `fn(prompts=..., completions=..., completion_ids=...,
 **dataset_columns) -> list[float | None]`, called with keyword arguments exactly as TRL calls them, so TRL
-functions work unchanged. `None` means "not applicable to this sample". `async def` functions are awaited,
-concurrently with each other.
+functions work unchanged. `None` means "not applicable to this sample"; an `Exception` instance in place of a
+value fails that sample with the exception's message (how a function that scores a batch in one call, like
+`llm_judge`, names the samples it could not score). `async def` functions are awaited, concurrently with each other.
 
 Failures are loud: a function that raises, returns the wrong shape, or returns something that is not a finite
 real number fails the batch (`on_error="raise"`) or, where the failure is pinned to samples, drops those samples
@@ -114,7 +115,8 @@ def _call_all(calls: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[An
 
 
 def _check_values(name: str, output: Any, batch_size: int) -> tuple[list[float | None], list[_Failure]]:
-    """Floats (or None) from one function's output, plus a failure for each value that is not a finite number."""
+    """Floats (or None) from one function's output, plus a failure for each value that is not a finite number (an
+    `Exception` value is the function's own account of that sample's failure)."""
     output = _as_list(name, output)
     if not isinstance(output, list | tuple):
         raise RewardError(f"reward function {name!r} returned {type(output).__name__}, expected a list of floats")
@@ -123,6 +125,10 @@ def _check_values(name: str, output: Any, batch_size: int) -> tuple[list[float |
     values: list[float | None] = []
     failures = []
     for index, value in enumerate(output):
+        if isinstance(value, Exception):  # the function failed this sample on its own (e.g. an unparsable verdict)
+            failures.append(_Failure(f"{type(value).__name__}: {value}", index, value))
+            values.append(None)
+            continue
         number = float(value) if isinstance(value, numbers.Real) else None
         if value is not None and (number is None or not math.isfinite(number)):
             shown = repr(value)[:_PREVIEW_CHARS]

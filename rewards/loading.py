@@ -129,8 +129,9 @@ def build_reward_specs(entries: list[dict[str, Any]], names: list[str], base_dir
 
 
 def _bind_args(fn, args: dict, where: str):
-    """`functools.partial(fn, **args)` (or `fn` itself without args), refusing arguments the function cannot take
-    and missing required keyword-only ones, so a wrong `args:` fails before any work rather than mid-run."""
+    """`functools.partial(fn, **args)` (or `fn` itself without args), refusing arguments the function cannot take,
+    missing required keyword-only ones and values its `fn.check_args(**args)` rejects (ValueError or TypeError), so a
+    wrong `args:` fails before any work rather than mid-run."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -146,6 +147,12 @@ def _bind_args(fn, args: dict, where: str):
     if unknown or missing:
         problem = f"takes no argument {unknown}" if unknown else f"needs {missing}"
         raise RewardLoadError(f"{where}.args: {fn.__name__} {problem}; its parameters: {list(signature.parameters)}")
+    check = getattr(fn, "check_args", None)  # a built-in's own check of its values (e.g. llm_judge's template)
+    if check is not None:
+        try:
+            check(**args)
+        except (TypeError, ValueError) as error:
+            raise RewardLoadError(f"{where}.args: {error}") from None
     return functools.partial(fn, **args) if args else fn
 
 

@@ -8,8 +8,8 @@ reward_model` training writes):
         args: {model: runs/rm-.../final, batch_size: 16}
 
 The model runs in one Ray actor per (model, dtype, device) and per Ray job, shared by every reward worker that
-asks for it (a named actor), so it is loaded once and its batches are padded and run together. Outside Ray (e.g.
-`posttrain eval` in one process) the same scorer runs in this process.
+asks for it (a named actor, `rewards.shared_actor`), so it is loaded once and its batches are padded and run
+together. Outside Ray (e.g. `posttrain eval` in one process) the same scorer runs in this process.
 
 Text scored: the conversation (the prompt's messages, then the completion as the assistant turn) through the
 tokenizer's chat template, or prompt + completion + EOS for a tokenizer without one — `reward_model_text`, the
@@ -19,11 +19,11 @@ text reward-model training builds too, so a trained model is scored on the text 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from typing import Any
 
 from posttrain.rewards.combine import completion_text
+from posttrain.rewards.shared_actor import actor_name, call_shared_actor
 
 _ACTOR_PREFIX = "posttrain-reward-model-"
 
@@ -100,34 +100,6 @@ def _local_scorer(path: str, dtype: str, device: str, max_length: int) -> Reward
     return RewardModelScorer(path, dtype, device, max_length)
 
 
-_ACTORS: dict[tuple, Any] = {}
-"""this process's handles (a Ray actor nobody holds a handle to is destroyed, even a named one)"""
-
-
-def _actor(path: str, dtype: str, device: str, max_length: int, num_gpus: float):
-    key = (path, dtype, device, max_length, num_gpus)
-    if key not in _ACTORS:
-        _ACTORS[key] = _start_actor(path, dtype, device, max_length, num_gpus)
-    return _ACTORS[key]
-
-
-def _start_actor(path: str, dtype: str, device: str, max_length: int, num_gpus: float):
-    import ray
-    from ray.exceptions import RayActorError
-
-    key = hashlib.sha1(repr((os.path.abspath(path), dtype, device, max_length)).encode()).hexdigest()[:16]
-    actor = (
-        ray.remote(RewardModelScorer)
-        .options(name=_ACTOR_PREFIX + key, get_if_exists=True, num_cpus=0, num_gpus=num_gpus, lifetime=None)
-        .remote(path, dtype, device, max_length)
-    )
-    try:
-        ray.get(actor.ready.remote())
-    except RayActorError as error:  # a model that cannot load fails here, with its own message
-        raise RuntimeError(f"reward_model: cannot load {path!r}: {getattr(error, 'cause', None) or error}") from None
-    return actor
-
-
 def reward_model(
     prompts: list,
     completions: list,
@@ -142,14 +114,20 @@ def reward_model(
 ) -> list[float]:
     """The reward model's score (its single logit) for each completion; `model` is its folder."""
     import ray
-    from ray.exceptions import RayActorError
 
     texts = [completion_text(c) for c in completions]
     path = os.path.abspath(model) if os.path.isdir(model) else model
     if not ray.is_initialized():
         return _local_scorer(path, dtype, device, max_length).score(prompts, texts, batch_size)
-    try:
-        return ray.get(_actor(path, dtype, device, max_length, num_gpus).score.remote(prompts, texts, batch_size))
-    except RayActorError:  # its owner (another reward worker) was replaced: start it again, once
-        _ACTORS.clear()
-        return ray.get(_actor(path, dtype, device, max_length, num_gpus).score.remote(prompts, texts, batch_size))
+    settings = (path, dtype, device, max_length)
+    return call_shared_actor(
+        actor_name(_ACTOR_PREFIX, settings),
+        ray.remote(RewardModelScorer),
+        settings,
+        num_gpus,
+        "score",
+        prompts,
+        texts,
+        batch_size,
+        what=f"reward_model {model!r}",
+    )

@@ -99,6 +99,22 @@ def test_skip_drops_only_the_samples_that_raise():
     assert scores.per_function == {"parser": [1.0, None, 1.0], "b": [1.0, None, 3.0]}
 
 
+def test_an_exception_returned_for_a_sample_fails_that_sample_without_calling_again():
+    calls = []
+
+    def judge(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        return [0.5, ValueError("no score in the reply 'hmm'"), 1.0]
+
+    scores = score(RewardSpec(judge, "judge", weight=2.0), on_error="skip")
+    assert calls == [3]  # the batch once: the function itself said which sample failed
+    assert scores.total[0] == 1.0 and math.isnan(scores.total[1]) and scores.total[2] == 2.0
+    assert scores.skipped == [1] and scores.failed == {"judge": 1}
+    assert "reward function 'judge' failed on sample 1: ValueError: no score in the reply 'hmm'" in scores.errors[0]
+    with pytest.raises(RewardError, match=r"'judge' failed on sample 1: ValueError: no score"):
+        score(RewardSpec(judge, "judge"))
+
+
 def test_failure_on_the_batch_but_no_single_sample_always_raises():
     def batch_only(prompts, completions, **kwargs):
         if len(completions) > 1:
