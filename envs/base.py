@@ -123,3 +123,7 @@ def call_all(calls: list[Callable[[], Any]], timeout: float, what: str) -> list[
         outcome if finished[i] else EpisodeError("env_timeout", f"{what} did not return within {timeout:g} s")
         for i, outcome in enumerate(outcomes)
     ]
+
+
+class EnvLoadError(ValueError):
+    """`env.path` / `env.args` name no usable environment; the message says which and what was wrong."""

@@ -14,14 +14,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from posttrain.envs.base import EnvLoadError
 from posttrain.rewards.loading import RewardLoadError, load_object
 
 BUILTIN_ENVS = {"python_tool": "posttrain.envs.python_tool:PythonTool"}
 """names accepted as `env.path` without a module (imported only when named)"""
-
-
-class EnvLoadError(ValueError):
-    """`env.path` / `env.args` name no usable environment; the message says which and what was wrong."""
 
 
 def load_environment(

@@ -30,8 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from posttrain.envs.base import Environment, Message, StepResult
-from posttrain.envs.loading import EnvLoadError
+from posttrain.envs.base import Environment, EnvLoadError, Message, StepResult
 from posttrain.rewards.loading import RewardLoadError, load_object
 
 PREFIX = "openenv:"
