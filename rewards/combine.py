@@ -14,6 +14,7 @@ real number fails the batch (`on_error="raise"`) or, where the failure is pinned
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import numbers
@@ -148,6 +149,13 @@ def _as_list(name: str, output: Any) -> Any:
     return output.tolist()
 
 
+def _unbound(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` without the keys the recipe's `args:` bound on `fn`: a dataset column that happens to share a name
+    with a bound argument (`model`, `scale`, ...) must not silently replace the recipe's value."""
+    bound = fn.keywords if isinstance(fn, functools.partial) else {}
+    return {key: value for key, value in kwargs.items() if key not in bound} if bound else kwargs
+
+
 def _one_sample_kwargs(kwargs: dict[str, Any], index: int) -> dict[str, Any]:
     return {key: column[index : index + 1] for key, column in kwargs.items()}
 
@@ -235,9 +243,10 @@ def score_partial(
         raise ValueError(f"reward function names must be unique, got {[spec.name for spec in specs]}")
 
     partial = PartialScores({})
-    for spec, output in zip(specs, _call_all([(spec.fn, kwargs) for spec in specs]), strict=True):
+    calls = [(spec.fn, _unbound(spec.fn, kwargs)) for spec in specs]
+    for spec, (_, fn_kwargs), output in zip(specs, calls, _call_all(calls), strict=True):
         if isinstance(output, BaseException):
-            values, spec_failures = _values_one_at_a_time(spec, kwargs, output, batch_size)
+            values, spec_failures = _values_one_at_a_time(spec, fn_kwargs, output, batch_size)
         else:
             values, spec_failures = _check_values(spec.name, output, batch_size)
         partial.per_function[spec.name] = values

@@ -1,6 +1,7 @@
 """score_samples / reward_metrics: weighted totals, and every way a reward function can fail."""
 
 import asyncio
+import functools
 import math
 from fractions import Fraction
 
@@ -75,6 +76,25 @@ def test_functions_get_keyword_columns_and_completion_ids_like_trl():
     seen.clear()
     score(RewardSpec(spy, "spy"))
     assert "completion_ids" not in seen
+
+
+def test_a_column_named_like_a_bound_argument_does_not_replace_the_recipes_value():
+    def scaled(prompts, completions, scale, **kwargs):
+        return [scale] * len(completions)
+
+    # the recipe bound scale=2.0 (rewards[i].args); the dataset also has a `scale` column: the recipe's value wins,
+    # also when a failing batch is re-called one sample at a time
+    spec = RewardSpec(functools.partial(scaled, scale=2.0), "scaled")
+    assert score(spec, columns={"scale": [9.0, 9.0, 9.0]}).total == [2.0, 2.0, 2.0]
+
+    def scaled_or_raise(prompts, completions, scale, **kwargs):
+        if "c1" in completions:
+            raise ValueError("c1")
+        return [scale] * len(completions)
+
+    spec = RewardSpec(functools.partial(scaled_or_raise, scale=3.0), "scaled_or_raise")
+    scores = score(spec, on_error="skip", columns={"scale": [9.0, 9.0, 9.0]})
+    assert scores.per_function["scaled_or_raise"] == [3.0, None, 3.0]
 
 
 def test_raise_names_function_and_sample_found_by_recalling_one_at_a_time():
