@@ -64,8 +64,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, overrides)
     if cfg.eval.data is None:
         raise ConfigError(f"{args.recipe}: `eval.data` is not set; add an eval dataset to the recipe or override it")
-    if not cfg.rewards:  # an opd recipe may have none
-        raise ConfigError(f"{args.recipe}: `rewards` is empty; evaluation scores accuracy with the recipe's rewards")
+    if not cfg.rewards and cfg.env.path is None:  # an opd recipe may have none; an environment rewards its episodes
+        raise ConfigError(
+            f"{args.recipe}: `rewards` is empty; evaluation scores accuracy with the recipe's rewards or its `env`"
+        )
     from posttrain.online.evaluation import evaluate_recipe
 
     result = evaluate_recipe(cfg)

@@ -600,15 +600,13 @@ class RecipeConfig(_Section):
         return self
 
     def _check_env(self) -> RecipeConfig:
-        """With `env.path` the environment is the reward and episodes replace completions (not yet combined with
-        `rewards`, held-out evaluation or async generation)."""
+        """With `env.path` the environment is the reward and episodes replace completions, in training and in
+        evaluation (not yet combined with `rewards` or async generation)."""
         if self.rewards:
             raise ValueError(
                 "rewards: with env.path the environment's reward is the episode's reward; `rewards` are not combined "
                 "with environments yet (return the score from the environment's step)"
             )
-        if self.eval.data is not None:
-            raise ValueError("eval.data: held-out evaluation of environment episodes is not built yet; remove eval")
         if self.rollout.async_mode:
             raise ValueError("rollout.async_mode: environment episodes are generated in sync mode only for now")
         return self

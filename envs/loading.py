@@ -17,7 +17,10 @@ from typing import Any
 from posttrain.envs.base import EnvLoadError
 from posttrain.rewards.loading import RewardLoadError, load_object
 
-BUILTIN_ENVS = {"python_tool": "posttrain.envs.python_tool:PythonTool"}
+BUILTIN_ENVS = {
+    "python_tool": "posttrain.envs.python_tool:PythonTool",
+    "calculator": "posttrain.envs.calculator:Calculator",
+}
 """names accepted as `env.path` without a module (imported only when named)"""
 
 

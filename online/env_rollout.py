@@ -39,10 +39,14 @@ class EnvRollout:
         self.on_error = env.on_error
         self.group_size = cfg.algorithm.samples_per_prompt
 
-    def generate(self, engine, rows: list[dict[str, Any]], params: SamplingParams) -> tuple[list[Sample], RewardScores]:
-        """`group_size` episodes per row on `engine` (the rollout pool): their samples, row-major (the episodes of
-        row g have group_id g) and their scores (a failed episode is a skipped sample, or `EpisodeFailed`)."""
-        episodes = run_episodes(engine, self.tokenizer, self.make_env, rows, self.group_size, params, self.limits)
+    def generate(
+        self, engine, rows: list[dict[str, Any]], params: SamplingParams, group_size: int | None = None
+    ) -> tuple[list[Sample], RewardScores]:
+        """`group_size` (default `algorithm.samples_per_prompt`; evaluation: `eval.n`) episodes per row on `engine`
+        (the rollout pool): their samples, row-major (the episodes of row g have group_id g) and their scores (a
+        failed episode is a skipped sample, or `EpisodeFailed`)."""
+        group_size = group_size or self.group_size
+        episodes = run_episodes(engine, self.tokenizer, self.make_env, rows, group_size, params, self.limits)
         failed = [(i, e) for i, e in enumerate(episodes) if e.error is not None]
         if failed and self.on_error == "raise":
             i, episode = failed[0]

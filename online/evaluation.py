@@ -1,4 +1,5 @@
-"""Evaluation: generate on held-out prompts, score with the reward functions, report accuracy and pass@k."""
+"""Evaluation: generate on held-out prompts, score with the reward functions (or run held-out episodes of the recipe's
+environment), report accuracy and pass@k."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from posttrain.config import RecipeConfig
 from posttrain.online import components
+from posttrain.online.env_rollout import EnvRollout, episode_metrics
 from posttrain.rewards.combine import trl_completion
 from posttrain.rewards.workers import LocalScorer, Scorer
 from posttrain.rollout.hf_engine import HFEngine
@@ -20,6 +22,39 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def eval_metrics(correct: list[bool], n: int, per_function: dict[str, list[float | None]]) -> dict[str, float]:
+    """`eval/accuracy` (the mean of `correct`, = pass@1), `eval/pass@k` for k = 2, 4, ... n (and n) from the n samples
+    of each problem (`correct` is problem-major: problem i's samples are `correct[i*n:(i+1)*n]`), and
+    `eval/<name>/mean` of each reward's values (None ones left out)."""
+    num_problems = len(correct) // n
+    metrics: dict[str, float] = {"eval/accuracy": sum(correct) / max(1, len(correct))}
+    for k in [k for k in (2, 4, 8, 16, 32, 64) if k <= n] + ([n] if n > 1 and n & (n - 1) else []):
+        per_problem = [pass_at_k(n, sum(correct[i * n : (i + 1) * n]), k) for i in range(num_problems)]
+        metrics[f"eval/pass@{k}"] = sum(per_problem) / max(1, num_problems)
+    for name, values in per_function.items():
+        numbers = [v for v in values if v is not None]
+        if numbers:
+            metrics[f"eval/{name}/mean"] = sum(numbers) / len(numbers)
+    return metrics
+
+
+def evaluate_episodes(
+    env: EnvRollout, engine, rows: list[dict[str, Any]], params: SamplingParams
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out episodes: `params.n` per row on `engine` through the training's episode runner. An episode is correct
+    when the environment's total reward is >= 1; besides `eval_metrics`, the `env/*` episode metrics as `eval/env/*`.
+    A failed episode counts as not correct (or raises `EpisodeFailed` under `env.on_error: raise`)."""
+    samples, scores = env.generate(engine, rows, params, group_size=params.n)
+    correct = [t == t and t >= 1.0 for t in scores.total]  # NaN (a failed episode) is not correct
+    metrics = eval_metrics(correct, params.n, scores.per_function)
+    metrics.update({f"eval/{key}": value for key, value in episode_metrics(samples).items()})
+    records = [
+        {"prompt": s.prompt, "completion": s.completion, "correct": ok, "reward": t, **s.episode}
+        for s, ok, t in zip(samples, correct, scores.total, strict=True)
+    ]
+    return metrics, records
 
 
 def score_eval(
@@ -51,17 +86,9 @@ def score_eval(
         on_error=on_error,
         group_size=len(results[0].completions) if results else 1,
     )
-    acc_values = scores.per_function[accuracy_name]
-    correct = [v is not None and v >= 1.0 for v in acc_values]
     n = len(results[0].completions) if results else 1
-    metrics: dict[str, float] = {"eval/accuracy": sum(correct) / max(1, len(correct))}
-    for k in [k for k in (2, 4, 8, 16, 32, 64) if k <= n] + ([n] if n > 1 and n & (n - 1) else []):
-        per_prompt = [pass_at_k(n, sum(correct[i * n : (i + 1) * n]), k) for i in range(len(results))]
-        metrics[f"eval/pass@{k}"] = sum(per_prompt) / len(per_prompt)
-    for name, values in scores.per_function.items():
-        numbers = [v for v in values if v is not None]
-        if numbers:
-            metrics[f"eval/{name}/mean"] = sum(numbers) / len(numbers)
+    correct = [v is not None and v >= 1.0 for v in scores.per_function[accuracy_name]]
+    metrics = eval_metrics(correct, n, scores.per_function)
     records = [
         {"prompt": p, "completion": c.text, "correct": ok, "reward": t}
         for p, c, ok, t in zip(
@@ -77,7 +104,8 @@ def eval_params(n: int, temperature: float, max_new_tokens: int, stop: list[str]
 
 
 def evaluate_recipe(cfg: RecipeConfig) -> dict:
-    """Evaluate `cfg.model` on `cfg.eval.data` in this process (no Ray needed) with the recipe's rewards: what
+    """Evaluate `cfg.model` on `cfg.eval.data` in this process (no Ray needed) with the recipe's rewards (or its
+    environment's episodes): what
     `posttrain eval` prints and the distill pipeline records before and after the student's SFT."""
     specs = components.load_reward_specs(cfg)
     _, rows = components.load_data(cfg)
@@ -93,10 +121,13 @@ def evaluate_recipe(cfg: RecipeConfig) -> dict:
     e, r = cfg.eval, cfg.rollout
     params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, cfg.seed)
     start = time.perf_counter()
-    results = engine.generate(fmt(rows), params)
-    metrics, records = score_eval(
-        rows, results, LocalScorer(specs), components.accuracy_reward_name(cfg), cfg.algorithm.on_reward_error
-    )
+    if cfg.env.path is not None:  # held-out episodes of the recipe's environment
+        metrics, records = evaluate_episodes(EnvRollout(cfg, fmt.tokenizer), engine, rows, params)
+    else:
+        results = engine.generate(fmt(rows), params)
+        metrics, records = score_eval(
+            rows, results, LocalScorer(specs), components.accuracy_reward_name(cfg), cfg.algorithm.on_reward_error
+        )
     metrics["time/eval"] = time.perf_counter() - start
     return {
         "model": cfg.model.path,

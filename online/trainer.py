@@ -40,7 +40,7 @@ from posttrain.data.types import Sample
 from posttrain.learner.batch import TrainBatch, collate
 from posttrain.online import components
 from posttrain.online.env_rollout import EnvRollout, episode_metrics
-from posttrain.online.evaluation import eval_params, score_eval
+from posttrain.online.evaluation import eval_params, evaluate_episodes, score_eval
 from posttrain.online.opd import heldout_reverse_kl, opd_batch, start_opd_teacher, teacher_path
 from posttrain.online.placement import Placement
 from posttrain.online.ppo import ppo_batch, start_critic
@@ -221,7 +221,9 @@ class OnlineTrainer:
         start = time.perf_counter()
         params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, self.cfg.seed + step)
         metrics = {}
-        if self.accuracy_name is not None:
+        if self.env is not None:  # held-out episodes; the environment's reward says which are correct
+            metrics, _ = evaluate_episodes(self.env, self.pool, self.eval_rows, params)
+        elif self.accuracy_name is not None:
             results = self.pool.generate(self.format(self.eval_rows), params)
             metrics, _ = score_eval(
                 self.eval_rows, results, self.scorer, self.accuracy_name, self.cfg.algorithm.on_reward_error

@@ -27,6 +27,7 @@ def env_recipe(tmp_path: Path) -> dict:
         "model": {"path": str(tiny_model_path()), "lora": {"rank": 4, "alpha": 8}},
         "data": {"kind": "arithmetic", "num_problems": 6, "seed": 1, "max_value": 4},
         "env": {"path": f"{GUESS}:ShapedGuessNumber", "max_turns": 3, "max_episode_tokens": 160, "args": {"high": 8}},
+        "eval": {"data": {"kind": "arithmetic", "num_problems": 2, "seed": 2, "max_value": 4}},
         "algorithm": {"prompts_per_step": 2, "samples_per_prompt": 3},
         "rollout": {"max_new_tokens": 6, "num_threads": 1},
         "train": {"steps": 2, "lr": 1e-2, "micro_batch_size": 6, "num_threads": 1},
@@ -56,7 +57,12 @@ def test_grpo_trains_on_guess_the_number_episodes_with_env_tokens_masked(tmp_pat
     initial = ray_session.get(trainer.pool.workers[0].get_weights.remote())
     run_dir = trainer.run()
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    evals = [rows[0], rows[2]]  # held-out episodes (greedy, one per row) before training and after the last step
+    for row in evals:
+        assert row["eval/env/turns/mean"] >= 1 and row["eval/env/failed_episodes"] == 0
+        assert row["eval/accuracy"] in (0.0, 0.5, 1.0) and "eval/env/mean" in row
+    rows = rows[1:]
     for row in rows:
         assert row["env/failed_episodes"] == 0 and 1 <= row["env/turns/mean"] <= 3
         assert row["env/env_tokens/mean"] > 0 and row["reward/env/count"] == 6

@@ -31,3 +31,20 @@ class Scripted(Environment):
             return StepResult([], reward=1.0, done=False)
         done = self.turn == 3
         return StepResult([{"role": "user", "content": f"ok {self.turn}"}], reward=1.0 if done else None, done=done)
+
+
+class Graded(Environment):
+    """Two turns whatever the model says, then reward 1.0 for a row whose `answer` is "yes", 0.0 for "no"; a "boom"
+    row's first step raises (the evaluation tests: which episodes are correct is known in advance)."""
+
+    def reset(self, row):
+        self.answer, self.turn = row["answer"], 0
+        return [{"role": "user", "content": "Say something."}]
+
+    def step(self, messages):
+        self.turn += 1
+        if self.answer == "boom":
+            raise RuntimeError("grader down")
+        if self.turn == 1:
+            return StepResult([{"role": "user", "content": "And once more."}])
+        return StepResult([], reward=float(self.answer == "yes"), done=True)
