@@ -258,10 +258,14 @@ def greedy_gaps(model, results, device: str) -> tuple[float, float]:
     return argmax_gap, logprob_gap
 
 
+def chat_questions(count: int) -> list[str]:
+    return [f"What is {i} + {2 * i + 3}? Explain step by step." for i in range(count)]
+
+
 def chat_prompts(tokenizer, count: int) -> list[str]:
     from posttrain.models.loading import format_prompt
 
-    return [format_prompt(tokenizer, f"What is {i} + {2 * i + 3}? Explain step by step.") for i in range(count)]
+    return [format_prompt(tokenizer, question) for question in chat_questions(count)]
 
 
 def hf_engine_generate(ctx: Context) -> str:
@@ -295,6 +299,57 @@ def hf_engine_generate(ctx: Context) -> str:
         f"argmax gap {argmax_gap:.1e}, |log-prob diff| {logprob_gap:.1e} (tolerance 1e-3)"
     )
     if argmax_gap > 1e-3 or logprob_gap > 1e-3:
+        raise RuntimeError(detail)
+    return detail
+
+
+def episodes_hf(ctx: Context) -> str:
+    """3-turn environment episodes (envs/episodes.py) on the hf engine in float32: 8 rows x 4 episodes, 16 tokens a
+    turn; each episode's model tokens are then scored teacher-forced by the learner's model class over the whole
+    sequence, which matches the sampler's log-probs only if the ids are exactly the engine's and the mask marks the
+    model's tokens (the environment's are in the sequence, masked)."""
+    import torch
+
+    from posttrain.envs import EpisodeLimits, StepResult, run_episodes
+    from posttrain.models.loading import load_model
+    from posttrain.rollout.hf_engine import HFEngine
+    from posttrain.rollout.types import SamplingParams
+
+    class Echo:  # replies twice with the turn number, rewards 1.0 at the end of turn 3
+        def reset(self, row):
+            self.turn = 0
+            return [{"role": "user", "content": row["prompt"]}]
+
+        def step(self, messages):
+            self.turn += 1
+            reply = [{"role": "user", "content": f"Turn {self.turn} seen. Go on."}]
+            return StepResult(reply if self.turn < 3 else [], 1.0 if self.turn == 3 else None, self.turn == 3)
+
+    engine = HFEngine(ctx.model_path, dtype="float32", max_batch_size=32, device=ctx.device)
+    rows = [{"prompt": prompt} for prompt in chat_questions(ctx.size(8))]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=0)
+    start = time.perf_counter()
+    episodes = run_episodes(engine, engine.tokenizer, Echo, rows, 4, params, EpisodeLimits(max_turns=3))
+    seconds = time.perf_counter() - start
+    del engine
+    model = load_model(ctx.model_path, dtype="float32").to(ctx.device).eval()
+    gap, env_tokens, model_tokens = 0.0, 0, 0
+    for episode in episodes:
+        if episode.error or episode.turns != 3 or episode.reward != 1.0:
+            raise RuntimeError(f"episode {episode.row_index}: {episode.finish} {episode.error} {episode.reward}")
+        ids = torch.tensor([episode.prompt_token_ids + episode.token_ids], device=ctx.device)
+        start_at = len(episode.prompt_token_ids)
+        with torch.no_grad():
+            lp_LV = torch.log_softmax(model(ids).logits[0, start_at - 1 : -1].float(), dim=-1).cpu()
+        chosen = lp_LV.gather(1, torch.tensor(episode.token_ids)[:, None]).squeeze(1)
+        mask = torch.tensor(episode.loss_mask, dtype=torch.bool)
+        gap = max(gap, float((torch.tensor(episode.logprobs)[mask] - chosen[mask]).abs().max()))
+        model_tokens, env_tokens = model_tokens + int(mask.sum()), env_tokens + int((~mask).sum())
+    detail = (
+        f"{len(episodes)} episodes x 3 turns in {seconds:.2f} s, {model_tokens} model + {env_tokens} template/env "
+        f"tokens; teacher-forced |log-prob diff| on the model's tokens {gap:.1e} (tolerance 1e-3)"
+    )
+    if gap > 1e-3 or env_tokens == 0:
         raise RuntimeError(detail)
     return detail
 
@@ -341,6 +396,7 @@ def checks() -> list[tuple[str, object]]:
         ("learner_step_bf16", lambda ctx: learner_step(ctx, "bfloat16")),
         ("learner_step_fp32", lambda ctx: learner_step(ctx, "float32")),
         ("hf_engine_generate", hf_engine_generate),
+        ("episodes_hf", episodes_hf),
         ("ipc_weight_handoff", gpu_sync.ipc_weight_handoff),
         ("vllm_greedy_equals_hf", gpu_sync.vllm_greedy_equals_hf),
         ("grpo_colocated_sleep2", gpu_sync.grpo_colocated),

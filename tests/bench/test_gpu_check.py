@@ -77,11 +77,13 @@ def test_dry_run_checks_pass_or_skip_with_a_reason(capsys):
     out = capsys.readouterr().out
     lines = {m.group(1): m.groups()[1:] for m in map(LINE.match, out.splitlines()) if m}
     assert set(lines) == set(names)
-    assert out.startswith("MODEL: tiny random Llama") and "SUMMARY: 4 PASS, 0 FAIL, 3 SKIP" in out
+    assert out.startswith("MODEL: tiny random Llama") and "SUMMARY: 5 PASS, 0 FAIL, 3 SKIP" in out
     for name in ("learner_step_bf16", "learner_step_fp32"):
         status, detail = lines[name]
         assert status == "PASS" and "of weights changed" in detail and "loss nan" not in detail
     assert lines["hf_engine_generate"][0] == "PASS"
+    # the episodes' model tokens scored teacher-forced match the sampler: ids exact, the env's tokens masked
+    assert lines["episodes_hf"][0] == "PASS" and re.search(r"\d+ model \+ [1-9]\d* template/env tokens", out)
     # the engine process held other weights before the handoff and the learner's, bitwise, after it
     assert lines["ipc_weight_handoff"][0] == "PASS" and re.search(r"(\d+)/\1 before, 0 after", out)
     for name in ("vllm_greedy_equals_hf", "grpo_colocated_sleep2", "peak_gpu_memory"):
