@@ -417,8 +417,8 @@ class EnvConfig(_Section):
     """a multi-turn environment, `path/to/my_env.py:MyEnv`, `package.module:MyEnv`, the built-in `python_tool`, or an
     OpenEnv environment run unchanged, `openenv:<file or module>:<Class>` (docs/environments.md); each prompt's samples
     become episodes: the model and the environment take turns, the
-    environment's reward is the sample's reward and its tokens carry no loss. none = single-turn completions scored
-    by `rewards`"""
+    environment's reward (plus the weighted `rewards` of the episode's transcript, if any) is the sample's reward and
+    its tokens carry no loss. none = single-turn completions scored by `rewards`"""
     args: dict[str, Any] = {}
     """keyword arguments of the environment's constructor; for `openenv:` the adapter's options (its constructor's
     arguments under `env_args`)"""
@@ -448,7 +448,8 @@ class EvalConfig(_Section):
     max_new_tokens: int | None = Field(None, ge=1)
     """default: rollout.max_new_tokens"""
     accuracy_reward: str | None = None
-    """which reward (by log name) counts as accuracy: a sample is correct when it scores >= 1 (default: first)"""
+    """which reward (by log name) counts as accuracy: a sample is correct when it scores >= 1 (default: the first;
+    with env.path the environment's reward)"""
 
     @model_validator(mode="after")
     def _check_samples(self) -> EvalConfig:
@@ -519,7 +520,8 @@ class RecipeConfig(_Section):
     data: DataSource
     """training prompts"""
     rewards: list[RewardConfig] = []
-    """reward functions, summed with their weights (online algorithms need at least one)"""
+    """reward functions, summed with their weights (online algorithms need at least one, or env.path; with env.path
+    they score each episode's transcript and add to the environment's reward)"""
     algorithm: AlgorithmConfig = AlgorithmConfig()
     preference: PreferenceConfig = PreferenceConfig()
     """dpo / orpo knobs"""
@@ -600,12 +602,12 @@ class RecipeConfig(_Section):
         return self
 
     def _check_env(self) -> RecipeConfig:
-        """With `env.path` the environment is the reward and episodes replace completions, in training and in
-        evaluation (not yet combined with `rewards` or async generation)."""
-        if self.rewards:
+        """With `env.path` episodes replace completions, in training and in evaluation: the environment's reward
+        (logged as `env`) plus the weighted `rewards` of each episode's transcript, if any (not yet with async
+        generation)."""
+        if "env" in self.reward_names():
             raise ValueError(
-                "rewards: with env.path the environment's reward is the episode's reward; `rewards` are not combined "
-                "with environments yet (return the score from the environment's step)"
+                "rewards: with env.path the environment's reward is logged as `env`; set `name:` on the reward named so"
             )
         if self.rollout.async_mode:
             raise ValueError("rollout.async_mode: environment episodes are generated in sync mode only for now")

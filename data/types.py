@@ -27,3 +27,9 @@ class Sample:
     feedback, `posttrain.envs`); None: every completion token does"""
     episode: dict[str, Any] | None = None
     """an environment episode's outcome (turns, finish, error, step rewards) for the logs; None for a completion"""
+
+
+def columns_of(samples: list[Sample]) -> dict[str, list]:
+    """The samples' dataset columns as reward functions take them, TRL style: column name -> [B] values (None where
+    a sample's row lacks the column)."""
+    return {key: [s.columns.get(key) for s in samples] for key in sorted({k for s in samples for k in s.columns})}

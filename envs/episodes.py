@@ -49,6 +49,8 @@ class EpisodeResult:
     """the engine's log-prob of each model token; 0.0 on the environment's tokens"""
     messages: list[Message] = field(default_factory=list)
     """the conversation, the model's turns as `assistant` messages"""
+    prompt_messages: int = 0
+    """how many of `messages` are `reset`'s (the prompt); the rest are the model's and the environment's turns"""
     step_rewards: list[float] = field(default_factory=list)
     """the rewards `step` returned (None ones left out)"""
     turns: int = 0
@@ -101,6 +103,7 @@ def run_episodes(
     for episode, opening in zip(episodes, call_all(resets, limits.step_timeout, f"{name}.reset"), strict=True):
         try:
             episode.messages = check_messages(_raise_error(opening), f"{name}.reset", allow_empty=False)
+            episode.prompt_messages = len(episode.messages)
             episode.prompt_token_ids = encode(tokenizer, _render(tokenizer, episode.messages, f"{name}.reset"))
         except EpisodeError as error:
             episode.fail(error)

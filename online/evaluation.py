@@ -10,7 +10,7 @@ from typing import Any
 
 from posttrain.config import RecipeConfig
 from posttrain.online import components
-from posttrain.online.env_rollout import EnvRollout, episode_metrics
+from posttrain.online.env_rollout import REWARD_NAME, EnvRollout, episode_metrics
 from posttrain.rewards.combine import trl_completion
 from posttrain.rewards.workers import LocalScorer, Scorer
 from posttrain.rollout.hf_engine import HFEngine
@@ -41,13 +41,20 @@ def eval_metrics(correct: list[bool], n: int, per_function: dict[str, list[float
 
 
 def evaluate_episodes(
-    env: EnvRollout, engine, rows: list[dict[str, Any]], params: SamplingParams
+    env: EnvRollout,
+    engine,
+    rows: list[dict[str, Any]],
+    params: SamplingParams,
+    scorer: Scorer | None = None,
+    accuracy_reward: str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Held-out episodes: `params.n` per row on `engine` through the training's episode runner. An episode is correct
-    when the environment's total reward is >= 1; besides `eval_metrics`, the `env/*` episode metrics as `eval/env/*`.
+    """Held-out episodes: `params.n` per row on `engine` through the training's episode runner (their transcripts
+    scored by the recipe's `rewards:` too, on `scorer`). An episode is correct when the environment's reward (or the
+    reward `accuracy_reward` names) is >= 1; besides `eval_metrics`, the `env/*` episode metrics as `eval/env/*`.
     A failed episode counts as not correct (or raises `EpisodeFailed` under `env.on_error: raise`)."""
-    samples, scores = env.generate(engine, rows, params, group_size=params.n)
-    correct = [t == t and t >= 1.0 for t in scores.total]  # NaN (a failed episode) is not correct
+    samples, scores = env.generate(engine, rows, params, group_size=params.n, scorer=scorer)
+    accuracy = scores.per_function[accuracy_reward or REWARD_NAME]
+    correct = [value is not None and value >= 1.0 for value in accuracy]  # None: failed, skipped or not applicable
     metrics = eval_metrics(correct, params.n, scores.per_function)
     metrics.update({f"eval/{key}": value for key, value in episode_metrics(samples).items()})
     records = [
@@ -122,7 +129,8 @@ def evaluate_recipe(cfg: RecipeConfig) -> dict:
     params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, cfg.seed)
     start = time.perf_counter()
     if cfg.env.path is not None:  # held-out episodes of the recipe's environment
-        metrics, records = evaluate_episodes(EnvRollout(cfg, fmt.tokenizer), engine, rows, params)
+        env = EnvRollout(cfg, fmt.tokenizer)
+        metrics, records = evaluate_episodes(env, engine, rows, params, LocalScorer(specs), e.accuracy_reward)
     else:
         results = engine.generate(fmt(rows), params)
         metrics, records = score_eval(

@@ -36,7 +36,7 @@ from posttrain.algorithms.registry import online_advantages
 from posttrain.algorithms.rft import rft_keep_mask
 from posttrain.config import RecipeConfig
 from posttrain.data.sources import batch_indices
-from posttrain.data.types import Sample
+from posttrain.data.types import Sample, columns_of
 from posttrain.learner.batch import TrainBatch, collate
 from posttrain.online import components
 from posttrain.online.env_rollout import EnvRollout, episode_metrics
@@ -83,13 +83,10 @@ def to_samples(rows: list[dict[str, Any]], results: list[PromptResult]) -> list[
 
 def score(samples: list[Sample], scorer: Scorer, on_error: str, group_size: int = 1) -> RewardScores:
     """Run every reward function on the samples, TRL style (dataset columns as keyword lists)."""
-    columns: dict[str, list] = {}
-    for key in sorted({k for s in samples for k in s.columns}):
-        columns[key] = [s.columns.get(key) for s in samples]
     return scorer.score(
         [s.prompt for s in samples],
         [trl_completion(s.prompt, s.completion) for s in samples],
-        columns,
+        columns_of(samples),
         completion_ids=[s.completion_token_ids for s in samples],
         on_error=on_error,
         group_size=group_size,
@@ -222,7 +219,9 @@ class OnlineTrainer:
         params = eval_params(e.n, e.temperature, e.max_new_tokens or r.max_new_tokens, r.stop, self.cfg.seed + step)
         metrics = {}
         if self.env is not None:  # held-out episodes; the environment's reward says which are correct
-            metrics, _ = evaluate_episodes(self.env, self.pool, self.eval_rows, params)
+            metrics, _ = evaluate_episodes(
+                self.env, self.pool, self.eval_rows, params, self.scorer, self.cfg.eval.accuracy_reward
+            )
         elif self.accuracy_name is not None:
             results = self.pool.generate(self.format(self.eval_rows), params)
             metrics, _ = score_eval(
@@ -249,9 +248,11 @@ class OnlineTrainer:
             first_index = indices[0] if first_index is None else first_index
             round_rows = [self.train_rows[i] for i in indices]
             t0 = time.perf_counter()
-            if self.env is not None:  # the environment's rewards come with the episodes (time/reward: 0)
-                round_samples, scores = self.env.generate(self.pool, round_rows, self._sampling(step, round_))
+            if self.env is not None:  # the environment's rewards come with the episodes, `rewards:` score them after
+                episodes = self.env.play(self.pool, round_rows, self._sampling(step, round_))
                 t1 = time.perf_counter()
+                round_samples = self.env.samples(round_rows, episodes)
+                scores = self.env.score(round_samples, episodes, self.scorer, G)
             else:
                 results = self.pool.generate(self.format(round_rows), self._sampling(step, round_))
                 t1 = time.perf_counter()

@@ -194,7 +194,13 @@ def judge_prompt(template: str | None, rubric: str, scale: tuple, prompt: Any, c
     elif answer is None and "{answer}" in template:
         raise ValueError("llm_judge `prompt_template` shows {answer}, but this row has no `answer` column value")
     low, high = (f"{v:g}" for v in scale)
-    fields = {"prompt": _prompt_text(prompt), "completion": completion_text(completion), "rubric": rubric}
+    # an environment episode's completion is several messages (the model's turns and the replies): shown whole
+    shown = (
+        _prompt_text(completion)
+        if isinstance(completion, list) and len(completion) > 1
+        else completion_text(completion)
+    )
+    fields = {"prompt": _prompt_text(prompt), "completion": shown, "rubric": rubric}
     return template.format(**fields, answer="" if answer is None else str(answer), low=low, high=high)
 
 

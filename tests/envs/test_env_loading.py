@@ -68,8 +68,10 @@ def test_the_env_section_replaces_rewards_for_the_algorithms_whose_spec_reads_it
         validate_config({**recipe(), "algorithm": {"name": name}})
     with pytest.raises((ConfigError, ValueError), match=f"env: only algorithm.name={' or '.join(with_env)} uses"):
         validate_config({**recipe(), "algorithm": {"name": "opd"}, "opd": {"teacher": "smollm2-135m-instruct"}})
-    with pytest.raises((ConfigError, ValueError), match="rewards: with env.path"):
-        validate_config({**recipe(), "rewards": [{"fn": "math_accuracy"}]})
+    both = validate_config({**recipe(), "rewards": [{"fn": "format", "weight": 0.5}]})  # they score the transcript
+    assert both.reward_names() == ["format"] and both.rewards[0].weight == 0.5
+    with pytest.raises((ConfigError, ValueError), match="environment's reward is logged as `env`; set `name:`"):
+        validate_config({**recipe(), "rewards": [{"fn": "format", "name": "env"}]})
     validate_config({**recipe(), "eval": {"data": {"kind": "arithmetic", "num_problems": 2}}})  # held-out episodes
     with pytest.raises((ConfigError, ValueError), match="env.on_error"):
         validate_config(recipe(on_error="ignore"))

@@ -74,6 +74,32 @@ def test_grpo_trains_on_guess_the_number_episodes_with_env_tokens_masked(tmp_pat
     assert any(not torch.equal(after[name], initial[name]) for name in initial)  # the learner stepped and synced
 
 
+def test_grpo_on_episodes_adds_the_weighted_rewards_of_each_transcript_to_the_environments(tmp_path, ray_session):
+    raw = env_recipe(tmp_path)
+    reward = Path(__file__).parent / "data" / "transcript_reward.py"
+    raw["rewards"] = [{"fn": f"{reward}:transcript_reward", "weight": 0.5}]  # scored on a reward worker actor
+    raw["train"]["steps"] = 1
+    del raw["eval"]
+    trainer = OnlineTrainer(validate_config(raw))
+    try:
+        rollout = trainer.collect(1)
+        scores = rollout.scores
+        for i, sample in enumerate(rollout.samples):
+            # the reward saw the transcript: one assistant message per model turn, reset's one message as the prompt
+            judged = sample.episode["turns"] / 10 + 1 / 100
+            assert scores.per_function["transcript_reward"][i] == pytest.approx(judged, abs=1e-12)
+            assert scores.per_function["env"][i] == sum(sample.episode["step_rewards"])
+            assert rollout.totals[i] == pytest.approx(sum(sample.episode["step_rewards"]) + 0.5 * judged, abs=1e-12)
+        run_dir = trainer.run()
+    finally:
+        _kill_actors(ray_session, trainer)
+    (row,) = read_metrics(run_dir)
+    assert row["reward/env/count"] == 6 and row["reward/transcript_reward/count"] == 6 and row["skipped_samples"] == 0
+    judged_mean, env_mean = row["reward/transcript_reward/mean"], row["reward/env/mean"]
+    assert row["reward/mean"] == pytest.approx(env_mean + 0.5 * judged_mean, abs=1e-9)
+    assert 0.11 <= judged_mean <= 0.31 and row["time/reward"] > 0
+
+
 def _env_rows(run_dir: Path) -> list[dict]:
     """The two steps' metrics; every episode ran (none failed) and the environment replied in some."""
     rows = read_metrics(run_dir)

@@ -80,6 +80,17 @@ def test_judge_prompt_shows_the_reference_answer_only_when_the_row_has_one():
         judge_prompt("{completion} {answer}", "", (0, 1), "q", "c", None)
 
 
+def test_judge_prompt_shows_an_episodes_whole_transcript():
+    # an environment's episode (`rewards:` next to `env:`): the model's turns and the tool's replies, all shown
+    turns = [
+        {"role": "assistant", "content": "CALC: 2+3"},
+        {"role": "user", "content": "Result: 5"},
+        {"role": "assistant", "content": "ANSWER: 5"},
+    ]
+    text = judge_prompt(None, "R.", (0.0, 10.0), [{"role": "user", "content": "2+3?"}], turns, None)
+    assert "Request:\nuser: 2+3?\n\nResponse:\nassistant: CALC: 2+3\nuser: Result: 5\nassistant: ANSWER: 5\n\n" in text
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
