@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain.rewards.combine import RewardError, score_samples
+from posttrain.rewards.combine import RewardError, RewardScores, score_samples
 from posttrain.rewards.llm_judge import (
     DEFAULT_RUBRIC,
     JudgeError,
@@ -144,10 +144,10 @@ PROMPTS = ["What is 2 + 3?", "Name the capital of France.", "What is 7 * 6?", "W
 COMPLETIONS = ["2 + 3 = 5. The answer is 5.", "The capital of France is Berlin.", "42", "hat"]
 
 
-def _expected_by_hand(model: str) -> list[float | str]:
-    """Each sample judged in this process, straight through a rollout worker and `parse_verdict`, in the two shards
-    the reward pool sends (padding a batch can change a greedy token): a reward in [0, 1], or the VerdictError's
-    message."""
+def _expected_by_hand(model: str, shards: int = 2) -> list[float | str]:
+    """Each sample judged in this process, straight through an hf rollout worker and `parse_verdict`, in the `shards`
+    the reward pool sends (padding a batch can change a greedy token; 4 shards: each prompt alone, unpadded, as vLLM
+    runs it): a reward in [0, 1], or the VerdictError's message."""
     from posttrain.models.loading import format_prompt, load_tokenizer
     from posttrain.rewards.workers import shard_bounds
     from posttrain.rollout.types import SamplingParams
@@ -156,7 +156,7 @@ def _expected_by_hand(model: str) -> list[float | str]:
     tokenizer = load_tokenizer(model)
     texts = [format_prompt(tokenizer, judge_prompt(TERSE, DEFAULT_RUBRIC, (0, 10), p, c, None)) for p, c in SAMPLES]
     worker, params = RolloutWorkerImpl("hf", model), SamplingParams(temperature=0, max_new_tokens=32)
-    results = [result for a, b in shard_bounds(len(texts), 2) for result in worker.generate(texts[a:b], params)]
+    results = [result for a, b in shard_bounds(len(texts), shards) for result in worker.generate(texts[a:b], params)]
     expected: list[float | str] = []
     for result in results:
         try:
@@ -169,19 +169,27 @@ def _expected_by_hand(model: str) -> list[float | str]:
 SAMPLES = list(zip(PROMPTS, COMPLETIONS, strict=True))
 
 
-def test_a_real_judge_grades_through_a_rollout_worker_actor_shared_by_the_reward_workers(ray_session):
+def _judge_pool_scores(ray_session, args: dict) -> RewardScores:
+    """The judge's scores of the 4 samples through a pool of 2 reward workers, which must share one judge actor."""
     from posttrain.rewards.workers import RewardPool
 
-    model = "smollm2-135m-instruct"
-    entries = [{"fn": "llm_judge", "args": {"model": model, "prompt_template": TERSE, "max_new_tokens": 32}}]
+    def judges() -> set[str]:
+        named = ray_session.util.list_named_actors(all_namespaces=True)
+        return {a["name"] for a in named if a["name"].startswith("posttrain-llm-judge-")}
+
+    before = judges()  # an earlier test's judge may not be gone yet
+    entries = [{"fn": "llm_judge", "args": {"prompt_template": TERSE, "max_new_tokens": 32, **args}}]
     pool = RewardPool(entries, build_reward_specs(entries, ["llm_judge"]), workers=2, timeout=600)
     try:
         scores = pool.score(PROMPTS, COMPLETIONS, {}, on_error="skip")
-        named = ray_session.util.list_named_actors(all_namespaces=True)
-        assert len([a for a in named if a["name"].startswith("posttrain-llm-judge-")]) == 1  # one for both workers
+        assert len(judges() - before) == 1  # one for both workers
     finally:
         pool.close()
-    expected = _expected_by_hand(model)
+    return scores
+
+
+def _check_graded(scores: RewardScores, expected: list[float | str]) -> None:
+    """Each sample has the expected reward in [0, 1], or is skipped with its named VerdictError."""
     errors = dict(zip(scores.skipped, scores.errors, strict=True))
     for index, want in enumerate(expected):
         if isinstance(want, float):
@@ -190,3 +198,18 @@ def test_a_real_judge_grades_through_a_rollout_worker_actor_shared_by_the_reward
         else:  # named: the reward, the sample, and the judge's reply
             assert f"reward function 'llm_judge' failed on sample {index}: VerdictError: {want}" in errors[index]
     assert scores.failed == {"llm_judge": sum(isinstance(want, str) for want in expected)}
+
+
+def test_a_real_judge_grades_through_a_rollout_worker_actor_shared_by_the_reward_workers(ray_session):
+    model = "smollm2-135m-instruct"
+    _check_graded(_judge_pool_scores(ray_session, {"model": model}), _expected_by_hand(model))
+
+
+@pytest.mark.slow  # ~1 min on 2 shared cores (vLLM starts in the judge's Ray actor)
+def test_a_judge_on_the_vllm_engine_gives_the_hf_judges_greedy_verdicts(ray_session):
+    model = "smollm2-135m-instruct"
+    scores = _judge_pool_scores(ray_session, {"model": model, "engine": "vllm", "engine_options": {"kv_cache_gb": 1}})
+    # greedy, float32, each prompt unpadded on both engines: the same verdict texts, so the same rewards and errors
+    expected = _expected_by_hand(model, shards=len(PROMPTS))
+    assert sum(isinstance(want, float) for want in expected) >= 1  # at least one sample is graded, not only failed
+    _check_graded(scores, expected)
