@@ -601,14 +601,12 @@ class RecipeConfig(_Section):
 
     def _check_env(self) -> RecipeConfig:
         """With `env.path` the environment is the reward and episodes replace completions, in training and in
-        evaluation (not yet combined with `rewards` or async generation)."""
+        evaluation (not yet combined with `rewards`)."""
         if self.rewards:
             raise ValueError(
                 "rewards: with env.path the environment's reward is the episode's reward; `rewards` are not combined "
                 "with environments yet (return the score from the environment's step)"
             )
-        if self.rollout.async_mode:
-            raise ValueError("rollout.async_mode: environment episodes are generated in sync mode only for now")
         return self
 
     @model_validator(mode="after")

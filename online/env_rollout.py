@@ -40,18 +40,24 @@ class EnvRollout:
         self.group_size = cfg.algorithm.samples_per_prompt
 
     def generate(
-        self, engine, rows: list[dict[str, Any]], params: SamplingParams, group_size: int | None = None
+        self,
+        engine,
+        rows: list[dict[str, Any]],
+        params: SamplingParams,
+        group_size: int | None = None,
+        where: str = "this step",
     ) -> tuple[list[Sample], RewardScores]:
         """`group_size` (default `algorithm.samples_per_prompt`; evaluation: `eval.n`) episodes per row on `engine`
         (the rollout pool): their samples, row-major (the episodes of row g have group_id g) and their scores (a
-        failed episode is a skipped sample, or `EpisodeFailed`)."""
+        failed episode is a skipped sample, or `EpisodeFailed` naming the rows as those of `where`: in async mode a
+        step's episodes run while the previous step trains, so "this step" would name the wrong one)."""
         group_size = group_size or self.group_size
         episodes = run_episodes(engine, self.tokenizer, self.make_env, rows, group_size, params, self.limits)
         failed = [(i, e) for i, e in enumerate(episodes) if e.error is not None]
         if failed and self.on_error == "raise":
             i, episode = failed[0]
             raise EpisodeFailed(
-                f"episode {i} (data row {episode.row_index} of this step) failed: {episode.error} "
+                f"episode {i} (data row {episode.row_index} of {where}) failed: {episode.error} "
                 f"({len(failed)} of {len(episodes)} episodes failed; env.on_error=skip would skip them)"
             )
         samples = [self._sample(rows[e.row_index], e) for e in episodes]
