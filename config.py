@@ -603,14 +603,11 @@ class RecipeConfig(_Section):
 
     def _check_env(self) -> RecipeConfig:
         """With `env.path` episodes replace completions, in training and in evaluation: the environment's reward
-        (logged as `env`) plus the weighted `rewards` of each episode's transcript, if any (not yet with async
-        generation)."""
+        (logged as `env`) plus the weighted `rewards` of each episode's transcript, if any."""
         if "env" in self.reward_names():
             raise ValueError(
                 "rewards: with env.path the environment's reward is logged as `env`; set `name:` on the reward named so"
             )
-        if self.rollout.async_mode:
-            raise ValueError("rollout.async_mode: environment episodes are generated in sync mode only for now")
         return self
 
     @model_validator(mode="after")

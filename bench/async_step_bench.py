@@ -9,7 +9,11 @@ and scoring step t+1 run while step t trains: `time/overlap` is the part of that
 On a CPU box the learner and the rollout worker share the same cores, so overlapping them mostly trades speed of
 each for concurrency; on GPUs (separate devices) the hidden time is the gain.
 
-    python bench/async_step_bench.py [--steps 4] [--prompts 8] [--samples 8] [--json out.json]
+`--env` runs multi-turn episodes instead (docs/environments.md): the same recipe with `env.path` set to the guess-the-
+number game of the tests (numbers 0 to 8, additions of 0..4 as targets, no `rewards`), `--max-turns` model turns of
+<= 16 tokens each; in async mode step t+1's episodes, all their turns, run while step t trains.
+
+    python bench/async_step_bench.py [--steps 4] [--prompts 8] [--samples 8] [--env] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+GUESS = ROOT / "tests" / "envs" / "data" / "guess_number.py"
 PARTS = ["time/generate", "time/reward", "time/train", "time/sync", "time/overlap", "time/wait_rollout", "time/step"]
 
 
@@ -42,6 +47,16 @@ def run(mode: str, args: argparse.Namespace, out: Path) -> list[dict]:
     ]
     if mode == "async":
         overrides.append("algorithm.tis_cap=2.0")
+    if args.env:  # the partial reward per turn gives the groups reward variance, so every step updates the weights
+        overrides += [
+            f"env.path={GUESS}:ShapedGuessNumber",
+            "env.args={high: 8}",
+            f"env.max_turns={args.max_turns}",
+            "rewards=[]",
+            "data.max_value=4",
+            "data.few_shot=[]",
+            "data.exclude_num_problems=0",  # the eval set the recipe keeps out would be every sum of 0..4
+        ]
     cli = [sys.executable, "-m", "posttrain.cli", "train", str(ROOT / "recipes" / "quickstart.yaml"), *overrides]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     subprocess.run(cli, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -61,6 +76,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=8, help="algorithm.prompts_per_step (the recipe's: 8)")
     parser.add_argument("--samples", type=int, default=8, help="algorithm.samples_per_prompt (the recipe's: 8)")
+    parser.add_argument("--env", action="store_true", help="guess-the-number episodes instead of completions")
+    parser.add_argument("--max-turns", type=int, default=3, help="env.max_turns with --env")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = {}
@@ -68,8 +85,9 @@ def main() -> None:
         for mode in ("sync", "async"):
             rows = run(mode, args, Path(tmp))
             results[mode] = {"median": medians(rows), "staleness": [row.get("async/staleness") for row in rows]}
-    shape = f"{args.prompts} prompts x {args.samples} samples"
-    print(f"quickstart recipe, {shape}, {args.steps} steps per mode; median s/step over steps 2..{args.steps}")
+    shape = f"{args.prompts} prompts x {args.samples} {'episodes' if args.env else 'samples'}"
+    task = f"guess-the-number episodes (<= {args.max_turns} turns)" if args.env else "quickstart recipe"
+    print(f"{task}, {shape}, {args.steps} steps per mode; median s/step over steps 2..{args.steps}")
     print(f"{'part':<20}{'sync':>10}{'async':>10}")
     for part in PARTS:
         values = [results[mode]["median"].get(part) for mode in ("sync", "async")]

@@ -50,18 +50,25 @@ class EnvRollout:
         params: SamplingParams,
         group_size: int | None = None,
         scorer: Scorer | None = None,
+        where: str = "this step",
     ) -> tuple[list[Sample], RewardScores]:
         """`play`, then `samples` and `score`: the episodes' samples, row-major, and their scores."""
-        episodes = self.play(engine, rows, params, group_size)
+        episodes = self.play(engine, rows, params, group_size, where)
         samples = self.samples(rows, episodes)
         return samples, self.score(samples, episodes, scorer, group_size or self.group_size)
 
     def play(
-        self, engine, rows: list[dict[str, Any]], params: SamplingParams, group_size: int | None = None
+        self,
+        engine,
+        rows: list[dict[str, Any]],
+        params: SamplingParams,
+        group_size: int | None = None,
+        where: str = "this step",
     ) -> list[EpisodeResult]:
         """`group_size` (default `algorithm.samples_per_prompt`; evaluation: `eval.n`) episodes per row on `engine`
         (the rollout pool), row-major (the episodes of row g have group_id g); a failed episode keeps its error, or
-        with `env.on_error: raise` the first one raises `EpisodeFailed`."""
+        with `env.on_error: raise` the first one raises `EpisodeFailed` naming the rows as those of `where` (in async
+        mode a step's episodes run while the previous step trains, so "this step" would name the wrong one)."""
         episodes = run_episodes(
             engine, self.tokenizer, self.make_env, rows, group_size or self.group_size, params, self.limits
         )
@@ -69,7 +76,7 @@ class EnvRollout:
         if failed and self.on_error == "raise":
             i, episode = failed[0]
             raise EpisodeFailed(
-                f"episode {i} (data row {episode.row_index} of this step) failed: {episode.error} "
+                f"episode {i} (data row {episode.row_index} of {where}) failed: {episode.error} "
                 f"({len(failed)} of {len(episodes)} episodes failed; env.on_error=skip would skip them)"
             )
         return episodes

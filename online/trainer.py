@@ -195,7 +195,15 @@ class OnlineTrainer:
         return score(samples, self.scorer, self.cfg.algorithm.on_reward_error, self.cfg.algorithm.samples_per_prompt)
 
     def _sync_weights(self, full: bool = False) -> float:
-        """Bring the engines to the learner's weights; `full`: every weight (else what LoRA training changes)."""
+        """Bring the engines to the learner's weights; `full`: every weight (else what LoRA training changes).
+
+        Never while async mode's next rollout is generating: that rollout's samples are logged as drawn from
+        `rollout_version`, and an episode's later turns would otherwise be drawn from other weights than its first."""
+        if self._next is not None and not self._next.done():
+            raise RuntimeError(
+                "weight sync while the next step's rollout is still generating: its samples (every turn of an "
+                "episode) must come from one weights version; wait for it first (_finish_next_rollout)"
+            )
         if self.cfg.rollout.lora_sync == "adapter":  # the adapter alone; the engines keep their base weights
             adapter_ref = self.learner.get_lora_adapter.remote()
             seconds = self.pool.load_lora_adapter(adapter_ref, self.cfg.rollout.sync_timeout_s)
@@ -249,7 +257,8 @@ class OnlineTrainer:
             round_rows = [self.train_rows[i] for i in indices]
             t0 = time.perf_counter()
             if self.env is not None:  # the environment's rewards come with the episodes, `rewards:` score them after
-                episodes = self.env.play(self.pool, round_rows, self._sampling(step, round_))
+                params = self._sampling(step, round_)
+                episodes = self.env.play(self.pool, round_rows, params, where=f"step {step}")
                 t1 = time.perf_counter()
                 round_samples = self.env.samples(round_rows, episodes)
                 scores = self.env.score(round_samples, episodes, self.scorer, G)
