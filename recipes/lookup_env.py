@@ -1,0 +1,93 @@
+"""A lookup tool (`env.path: recipes/lookup_env.py:Lookup`): the task the CPU learning proof trains on
+(an SFT stage, then GRPO; not tuned yet: see the module notes).
+
+Each row is a box (`prompt`, e.g. "box 37") holding a hidden digit (`answer`). The model cannot know the digit: it
+replies `lookup`, the tool answers with the digit, and the model's next reply is graded (1.0 if it is that digit).
+The SFT demos call the tool (and copy its digit) in only `LOOKUP_SHARE` of them; the others guess a digit at once,
+so that an SFT model would know both moves and succeed about `LOOKUP_SHARE + (1 - LOOKUP_SHARE) / 10` of the time,
+leaving RL to teach calling the tool every time. Not reached yet on a tiny model (hidden 128, 2 layers) in a cheap SFT:
+it learns the share of lookups but not to copy the tool's digit (P = 0.12 after 76 steps); with every demo copying
+it does (P = 0.93 after 38 steps). Demos that always call the tool but copy only 30% of the time teach copying even
+less (their loss is nearly that of ignoring the tool).
+
+`python -m posttrain.recipes.lookup_env` rewrites the three data files under recipes/data/ (deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from posttrain.envs import Environment, StepResult
+
+CALL = "lookup"
+LOOKUP_SHARE = 0.3
+"""share of SFT demos that call the tool and answer its digit (the others answer a random digit at once)"""
+_DIGIT = re.compile(r"\s*(\d)\s*")
+
+
+class Lookup(Environment):
+    """`lookup` gets the row's digit back (role `role`); a digit ends the episode, reward 1.0 if it is the row's
+    `answer`, else 0.0 (guessing before the lookup is allowed, and right one time in ten); anything else ends it
+    with no reward."""
+
+    def __init__(self, role: str = "tool"):
+        self.role = role
+
+    def reset(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        self.answer = str(row["answer"]).strip()
+        if not re.fullmatch(r"\d", self.answer):
+            raise ValueError(f"lookup: row {row.get('prompt')!r} has answer {row['answer']!r}, not one digit")
+        return [{"role": "user", "content": str(row["prompt"])}]
+
+    def step(self, messages: list[dict[str, str]]) -> StepResult:
+        text = messages[-1]["content"]
+        digit = _DIGIT.fullmatch(text)
+        if digit is not None:
+            return StepResult([], reward=float(digit.group(1) == self.answer), done=True)
+        if text.strip() == CALL:
+            return StepResult([{"role": self.role, "content": self.answer}], reward=None)
+        return StepResult([], reward=0.0, done=True)
+
+
+def rows(boxes: list[int], rng: random.Random) -> list[dict[str, Any]]:
+    """One row per box: `{"prompt": "box <n>", "answer": "<random digit>"}`."""
+    return [{"prompt": f"box {box}", "answer": str(rng.randrange(10))} for box in boxes]
+
+
+def demo(row: dict[str, Any], lookup: bool, rng: random.Random, role: str = "tool") -> dict[str, Any]:
+    """An SFT conversation on `row`: the lookup, the tool's digit and that digit, or (not `lookup`) a guess."""
+    if not lookup:
+        guess = str(rng.randrange(10))
+        return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": guess}]}
+    return {
+        "messages": [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": CALL},
+            {"role": role, "content": row["answer"]},
+            {"role": "assistant", "content": row["answer"]},
+        ]
+    }
+
+
+def write_data(folder: Path, *, seed: int = 0, sft: int = 600, train: int = 300, held_out: int = 64) -> None:
+    """`lookup_sft.jsonl` (`sft` demos), `lookup_train.jsonl` and `lookup_eval.jsonl` (RL and held-out rows) on
+    disjoint boxes; exactly round(`LOOKUP_SHARE` * sft) demos call the tool."""
+    rng = random.Random(seed)
+    boxes = rng.sample(range(10000), sft + train + held_out)
+    sft_rows = rows(boxes[:sft], rng)
+    lookups = set(rng.sample(range(sft), round(LOOKUP_SHARE * sft)))
+    files = {
+        "lookup_sft.jsonl": [demo(row, i in lookups, rng) for i, row in enumerate(sft_rows)],
+        "lookup_train.jsonl": rows(boxes[sft : sft + train], rng),
+        "lookup_eval.jsonl": rows(boxes[sft + train :], rng),
+    }
+    for name, lines in files.items():
+        (folder / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+if __name__ == "__main__":
+    write_data(Path(__file__).parent / "data")
