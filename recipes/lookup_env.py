@@ -1,14 +1,12 @@
-"""A lookup tool (`env.path: recipes/lookup_env.py:Lookup`): the task the CPU learning proof trains on
-(an SFT stage, then GRPO; not tuned yet: see the module notes).
+"""A lookup tool (`env.path: recipes/lookup_env.py:Lookup`): the task of the CPU learning proof
+(recipes/lookup_sft.yaml, then recipes/lookup.yaml; docs/environments.md, "Learning proof").
 
 Each row is a box (`prompt`, e.g. "box 37") holding a hidden digit (`answer`). The model cannot know the digit: it
 replies `lookup`, the tool answers with the digit, and the model's next reply is graded (1.0 if it is that digit).
-The SFT demos call the tool (and copy its digit) in only `LOOKUP_SHARE` of them; the others guess a digit at once,
-so that an SFT model would know both moves and succeed about `LOOKUP_SHARE + (1 - LOOKUP_SHARE) / 10` of the time,
-leaving RL to teach calling the tool every time. Not reached yet on a tiny model (hidden 128, 2 layers) in a cheap SFT:
-it learns the share of lookups but not to copy the tool's digit (P = 0.12 after 76 steps); with every demo copying
-it does (P = 0.93 after 38 steps). Demos that always call the tool but copy only 30% of the time teach copying even
-less (their loss is nearly that of ignoring the tool).
+Every SFT demo calls the tool, but only `COPY_SHARE` of them answer with the tool's digit; the others answer a random
+other digit. The SFT model so learns the episode's format and a weak habit of copying (held-out success about 0.2 on
+a tiny model, hidden 128, 2 layers, after 3 epochs), leaving GRPO to teach it to copy every time (about 0.6 after 12
+steps).
 
 `python -m posttrain.recipes.lookup_env` rewrites the three data files under recipes/data/ (deterministic).
 """
@@ -24,8 +22,8 @@ from typing import Any
 from posttrain.envs import Environment, StepResult
 
 CALL = "lookup"
-LOOKUP_SHARE = 0.3
-"""share of SFT demos that call the tool and answer its digit (the others answer a random digit at once)"""
+COPY_SHARE = 0.3
+"""share of SFT demos whose answer is the tool's digit (the others answer a random other digit)"""
 _DIGIT = re.compile(r"\s*(\d)\s*")
 
 
@@ -58,30 +56,28 @@ def rows(boxes: list[int], rng: random.Random) -> list[dict[str, Any]]:
     return [{"prompt": f"box {box}", "answer": str(rng.randrange(10))} for box in boxes]
 
 
-def demo(row: dict[str, Any], lookup: bool, rng: random.Random, role: str = "tool") -> dict[str, Any]:
-    """An SFT conversation on `row`: the lookup, the tool's digit and that digit, or (not `lookup`) a guess."""
-    if not lookup:
-        guess = str(rng.randrange(10))
-        return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": guess}]}
+def demo(row: dict[str, Any], copy: bool, rng: random.Random, role: str = "tool") -> dict[str, Any]:
+    """An SFT conversation on `row`: the lookup, the tool's digit, then that digit (`copy`) or a random other one."""
+    answer = row["answer"] if copy else rng.choice([d for d in "0123456789" if d != row["answer"]])
     return {
         "messages": [
             {"role": "user", "content": row["prompt"]},
             {"role": "assistant", "content": CALL},
             {"role": role, "content": row["answer"]},
-            {"role": "assistant", "content": row["answer"]},
+            {"role": "assistant", "content": answer},
         ]
     }
 
 
 def write_data(folder: Path, *, seed: int = 0, sft: int = 600, train: int = 300, held_out: int = 64) -> None:
     """`lookup_sft.jsonl` (`sft` demos), `lookup_train.jsonl` and `lookup_eval.jsonl` (RL and held-out rows) on
-    disjoint boxes; exactly round(`LOOKUP_SHARE` * sft) demos call the tool."""
+    disjoint boxes; exactly round(`COPY_SHARE` * sft) demos copy the tool's digit."""
     rng = random.Random(seed)
     boxes = rng.sample(range(10000), sft + train + held_out)
     sft_rows = rows(boxes[:sft], rng)
-    lookups = set(rng.sample(range(sft), round(LOOKUP_SHARE * sft)))
+    copies = set(rng.sample(range(sft), round(COPY_SHARE * sft)))
     files = {
-        "lookup_sft.jsonl": [demo(row, i in lookups, rng) for i, row in enumerate(sft_rows)],
+        "lookup_sft.jsonl": [demo(row, i in copies, rng) for i, row in enumerate(sft_rows)],
         "lookup_train.jsonl": rows(boxes[sft : sft + train], rng),
         "lookup_eval.jsonl": rows(boxes[sft + train :], rng),
     }

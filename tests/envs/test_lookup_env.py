@@ -1,5 +1,6 @@
 """The lookup tool of recipes/lookup_env.py: the lookup returns the row's digit, a digit ends the episode graded
-against it, anything else ends it unrewarded; the committed data is what the generator writes."""
+against it, anything else ends it unrewarded; the committed data is what the generator writes: every demo calls the
+tool, COPY_SHARE of them copy its digit."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.recipes.lookup_env import CALL, LOOKUP_SHARE, Lookup, write_data
+from posttrain.recipes.lookup_env import CALL, COPY_SHARE, Lookup, write_data
 
 DATA = Path(__file__).resolve().parents[2] / "recipes" / "data"
 
@@ -45,10 +46,11 @@ def test_the_committed_data_is_the_generators_and_keeps_held_out_boxes_apart(tmp
     for name in names:
         assert (tmp_path / name).read_text() == (DATA / name).read_text(), name
     sft, train, held_out = ([json.loads(line) for line in (DATA / name).open()] for name in names)
-    lookups = [demo for demo in sft if demo["messages"][1]["content"] == CALL]
-    assert len(lookups) == round(LOOKUP_SHARE * len(sft)) and all(
-        demo["messages"][3]["content"] == demo["messages"][2]["content"] for demo in lookups
-    )
+    roles = ["user", "assistant", "tool", "assistant"]
+    assert all([turn["role"] for turn in demo["messages"]] == roles for demo in sft)
+    assert all(demo["messages"][1]["content"] == CALL for demo in sft)  # every demo calls the tool
+    copied = [demo["messages"][3]["content"] == demo["messages"][2]["content"] for demo in sft]
+    assert sum(copied) == round(COPY_SHARE * len(sft))  # the others answer a digit that is not the tool's
     sft_boxes = {demo["messages"][0]["content"] for demo in sft}
     boxes = [sft_boxes, {row["prompt"] for row in train}, {row["prompt"] for row in held_out}]
     assert not (boxes[0] & boxes[2]) and not (boxes[1] & boxes[2])
