@@ -3,10 +3,12 @@
 
 Each row is a box (`prompt`, e.g. "box 37") holding a hidden digit (`answer`). The model cannot know the digit: it
 replies `lookup`, the tool answers with the digit, and the model's next reply is graded (1.0 if it is that digit).
-Every SFT demo calls the tool, but only `COPY_SHARE` of them answer with the tool's digit; the others answer a random
-other digit. The SFT model so learns the episode's format and a weak habit of copying (held-out success about 0.2 on
-a tiny model, hidden 128, 2 layers, after 3 epochs), leaving GRPO to teach it to copy every time (about 0.6 after 12
-steps).
+Every SFT demo calls the tool; `COPY_SHARE` of them answer with the tool's digit, the others with the next digit
+(9 -> 0). The SFT model so reads the tool's reply but mostly answers wrong, and GRPO has to move it to copying.
+On a tiny model (hidden 128, 2 layers) 2 SFT epochs give held-out success 0.13-0.18 (sampled at temperature 1) and
+12 GRPO steps 0.38-0.66 (seeds 0 and 1). Demos whose wrong answers are random digits teach too little attention to
+the tool's reply in such an SFT (the copy probability stayed at chance on one data draw), and GRPO then cannot find
+the copy.
 
 `python -m posttrain.recipes.lookup_env` rewrites the three data files under recipes/data/ (deterministic).
 """
@@ -22,8 +24,8 @@ from typing import Any
 from posttrain.envs import Environment, StepResult
 
 CALL = "lookup"
-COPY_SHARE = 0.3
-"""share of SFT demos whose answer is the tool's digit (the others answer a random other digit)"""
+COPY_SHARE = 0.2
+"""share of SFT demos whose answer is the tool's digit (the others answer the next digit)"""
 _DIGIT = re.compile(r"\s*(\d)\s*")
 
 
@@ -56,9 +58,10 @@ def rows(boxes: list[int], rng: random.Random) -> list[dict[str, Any]]:
     return [{"prompt": f"box {box}", "answer": str(rng.randrange(10))} for box in boxes]
 
 
-def demo(row: dict[str, Any], copy: bool, rng: random.Random, role: str = "tool") -> dict[str, Any]:
-    """An SFT conversation on `row`: the lookup, the tool's digit, then that digit (`copy`) or a random other one."""
-    answer = row["answer"] if copy else rng.choice([d for d in "0123456789" if d != row["answer"]])
+def demo(row: dict[str, Any], copy: bool, role: str = "tool") -> dict[str, Any]:
+    """An SFT conversation on `row`: the lookup, the tool's digit, then that digit (`copy`) or the next one, a wrong
+    answer that is a fixed function of the tool's reply (so the SFT learns to read it)."""
+    answer = row["answer"] if copy else str((int(row["answer"]) + 1) % 10)
     return {
         "messages": [
             {"role": "user", "content": row["prompt"]},
@@ -77,7 +80,7 @@ def write_data(folder: Path, *, seed: int = 0, sft: int = 600, train: int = 300,
     sft_rows = rows(boxes[:sft], rng)
     copies = set(rng.sample(range(sft), round(COPY_SHARE * sft)))
     files = {
-        "lookup_sft.jsonl": [demo(row, i in copies, rng) for i, row in enumerate(sft_rows)],
+        "lookup_sft.jsonl": [demo(row, i in copies) for i, row in enumerate(sft_rows)],
         "lookup_train.jsonl": rows(boxes[sft : sft + train], rng),
         "lookup_eval.jsonl": rows(boxes[sft + train :], rng),
     }

@@ -1,6 +1,6 @@
 """The lookup tool of recipes/lookup_env.py: the lookup returns the row's digit, a digit ends the episode graded
 against it, anything else ends it unrewarded; the committed data is what the generator writes: every demo calls the
-tool, COPY_SHARE of them copy its digit."""
+tool, COPY_SHARE of them copy its digit and the others answer the next one."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def test_the_committed_data_is_the_generators_and_keeps_held_out_boxes_apart(tmp
     roles = ["user", "assistant", "tool", "assistant"]
     assert all([turn["role"] for turn in demo["messages"]] == roles for demo in sft)
     assert all(demo["messages"][1]["content"] == CALL for demo in sft)  # every demo calls the tool
-    copied = [demo["messages"][3]["content"] == demo["messages"][2]["content"] for demo in sft]
-    assert sum(copied) == round(COPY_SHARE * len(sft))  # the others answer a digit that is not the tool's
+    replies = [(int(demo["messages"][2]["content"]), int(demo["messages"][3]["content"])) for demo in sft]
+    assert sum(answer == tool for tool, answer in replies) == round(COPY_SHARE * len(sft))
+    assert all(answer in (tool, (tool + 1) % 10) for tool, answer in replies)
     sft_boxes = {demo["messages"][0]["content"] for demo in sft}
     boxes = [sft_boxes, {row["prompt"] for row in train}, {row["prompt"] for row in held_out}]
     assert not (boxes[0] & boxes[2]) and not (boxes[1] & boxes[2])
