@@ -44,7 +44,7 @@ from posttrain.algorithms.losses.tis import tis_weights
 from posttrain.algorithms.masked import masked_mean
 from posttrain.algorithms.reduction import reduce_loss
 from posttrain.learner.batch import TrainBatch, batch_to, select_rows
-from posttrain.models.loading import load_model, load_tokenizer
+from posttrain.models.loading import load_model, load_tokenizer, set_matmul_precision
 from posttrain.models.logprobs import autocast_body, completion_logits, logprobs_from_logits, token_logprobs
 from posttrain.models.lora import apply_lora, full_precision_copy, merged_state_dict, save_merged
 from posttrain.models.lora_adapter import LoraAdapter, lora_adapter
@@ -111,6 +111,7 @@ class LearnerImpl(WeightSender):
             raise ValueError("LearnerSettings.loss: opd_jsd needs the teacher (LearnerImpl(settings, teacher=...))")
         self.teacher = teacher
         torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
+        set_matmul_precision(s.matmul_precision, "LearnerSettings.matmul_precision")  # the reference's too
         torch.manual_seed(s.seed)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
         self.tokenizer = load_tokenizer(s.model_path, padding_side="right")
