@@ -326,6 +326,11 @@ class TrainConfig(_Section):
     """sequences per forward/backward (gradient accumulation covers the rest)"""
     num_threads: int | None = Field(None, ge=1)
     """torch threads of the learner (default: all of this machine's cores; Ray alone would give 1)"""
+    micro_batch_tokens: int | None = Field(None, ge=1)
+    """online learner: sort each update's rows by length and cut them into micro-batches of at most this many tokens,
+    padding included (rows x (longest prompt + longest completion)), and at most micro_batch_size rows, so that rows
+    of similar length share a micro-batch and less padding is computed; the loss is the same up to float summation
+    order. None (default) = contiguous micro-batches of micro_batch_size rows"""
     autocast: Literal["none", "bf16"] = "none"
     """online learner: run the model's forward/backward under bf16 autocast (weights, optimizer and the LM head's
     log-probs stay float32); faster on CPUs with AMX/AVX512-BF16 and on GPUs, not bit-identical to float32

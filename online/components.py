@@ -131,6 +131,7 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         total_steps=train.steps * updates,
         max_grad_norm=train.max_grad_norm,
         micro_batch_size=train.micro_batch_size,
+        micro_batch_tokens=train.micro_batch_tokens,
         autocast=train.autocast,
         matmul_precision=cfg.model.matmul_precision,
         temperature=cfg.rollout.temperature,
