@@ -72,6 +72,14 @@ class ModelConfig(_Section):
     """system message put before every prompt"""
     use_chat_template: bool = True
     """format prompts with the tokenizer's chat template"""
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    """float32 matmul precision (`torch.set_float32_matmul_precision`) in every process that runs the model: learner,
+    reference, critic, teacher, hf rollout workers, offline trainer, `posttrain eval`. "highest" (default) is exact
+    float32. "medium" rounds each matmul's inputs to bf16 and accumulates in float32, like TF32 on GPUs: the weights,
+    gradients and optimizer stay float32, so no weight is cast, but every matmul loses the inputs' low mantissa bits
+    (log-probs move in about the 3rd digit; the engine and the learner then disagree a little: rollout/logprob_diff).
+    Pays on CPUs with AMX-bf16 (docs/measurements.md#grpo-step-vs-trl); on GPUs "high" and "medium" allow TF32 (on
+    CPU "high" computes as "highest")"""
 
     _check_path = _model_location("model.path")
 
@@ -318,6 +326,11 @@ class TrainConfig(_Section):
     """sequences per forward/backward (gradient accumulation covers the rest)"""
     num_threads: int | None = Field(None, ge=1)
     """torch threads of the learner (default: all of this machine's cores; Ray alone would give 1)"""
+    micro_batch_tokens: int | None = Field(None, ge=1)
+    """online learner: sort each update's rows by length and cut them into micro-batches of at most this many tokens,
+    padding included (rows x (longest prompt + longest completion)), and at most micro_batch_size rows, so that rows
+    of similar length share a micro-batch and less padding is computed; the loss is the same up to float summation
+    order. None (default) = contiguous micro-batches of micro_batch_size rows"""
     autocast: Literal["none", "bf16"] = "none"
     """online learner: run the model's forward/backward under bf16 autocast (weights, optimizer and the LM head's
     log-probs stay float32); faster on CPUs with AMX/AVX512-BF16 and on GPUs, not bit-identical to float32

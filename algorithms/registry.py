@@ -93,7 +93,7 @@ ONLINE = (
         f"algorithm.{key}"
         for key in ("prompts_per_step", "samples_per_prompt", "kl_coef", "kl_in", "kl_estimator", "on_reward_error")
     }
-    | {"algorithm.epochs_per_batch", "algorithm.mini_batches", "train.autocast"}
+    | {"algorithm.epochs_per_batch", "algorithm.mini_batches", "train.autocast", "train.micro_batch_tokens"}
 )
 """any online algorithm (`online/trainer.py`)"""
 CLIPPED = ONLINE | {

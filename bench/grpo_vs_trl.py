@@ -7,6 +7,7 @@ lr 1e-4, one update per batch, micro-batch 32, single-digit additions with a str
 Each contender runs in its own child process (its own threads and memory), in turn, in one process tree:
 
     .venv/bin/python bench/grpo_vs_trl.py [--steps 3] [--only trl,hf,vllm] [--trl-bf16] [--json out.json]
+        [--matmul-precision medium] [--async]
 
 Per contender it prints each step's wall time, the phase breakdown where the trainer reports one (posttrain:
 generate / reward / train / sync from metrics.jsonl; TRL: generate-and-score vs the rest, by timing its
@@ -14,6 +15,12 @@ generate / reward / train / sync from metrics.jsonl; TRL: generate-and-score vs 
 ratio to TRL's. TRL 1.16 autocasts to bf16 unless `bf16=False`; the default here is float32 for both (the same
 work); `--trl-bf16` runs TRL with its default instead, for reference; `--bf16` runs both in bf16 autocast (posttrain's
 learner with `train.autocast: bf16`; its engine samples in float32).
+
+`--matmul-precision P` sets `torch.set_float32_matmul_precision(P)` in every contender: posttrain's
+`model.matmul_precision` (learner and rollout workers), and TRL's process too (a TRL user could set it as well). A
+contender may carry its own, `NAME:P` (e.g. `--only trl,trl:medium,hf:medium`), so that both ratios come out of one
+run. `--async` runs posttrain with `rollout.async_mode: true` (generation of step t+1 overlaps step t's training:
+one step off-policy, so not the same algorithm as TRL's on-policy step).
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ PROMPTS, SAMPLES, NEW_TOKENS, LR, SEED = 8, 4, 64, 1e-4, 0
 DATA = {"kind": "arithmetic", "num_problems": 200, "seed": 1, "max_value": 9}  # instruction: the source's \boxed{}
 
 
-def _recipe(engine: str, steps: int, out: Path, bf16: bool = False) -> dict:
+def _recipe(
+    engine: str, steps: int, out: Path, bf16: bool = False, precision: str = "highest", asynch: bool = False
+) -> dict:
     return {
         "name": f"bench-{engine}",
         "seed": SEED,
@@ -43,11 +52,12 @@ def _recipe(engine: str, steps: int, out: Path, bf16: bool = False) -> dict:
             "path": "smollm2-135m-instruct",
             "dtype": "float32",
             "lora": {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
+            "matmul_precision": precision,
         },
         "data": DATA,
         "rewards": [{"fn": "math_accuracy", "weight": 1.0}],
         "algorithm": {"prompts_per_step": PROMPTS, "samples_per_prompt": SAMPLES},
-        "rollout": {"engine": engine, "temperature": 1.0, "max_new_tokens": NEW_TOKENS},
+        "rollout": {"engine": engine, "temperature": 1.0, "max_new_tokens": NEW_TOKENS, "async_mode": asynch},
         "train": {
             "steps": steps,
             "lr": LR,
@@ -59,29 +69,35 @@ def _recipe(engine: str, steps: int, out: Path, bf16: bool = False) -> dict:
     }
 
 
-def run_posttrain(engine: str, steps: int, bf16: bool = False) -> dict:
-    """`posttrain train` on the work above; per-step wall time and phases from the run's metrics.jsonl."""
+def run_posttrain(
+    engine: str, steps: int, bf16: bool = False, precision: str = "highest", asynch: bool = False
+) -> dict:
+    """`posttrain train` on the work above; per-step wall time and phases from the run's metrics.jsonl, and the first
+    step's entropy and sampler-vs-learner log-prob gap (the numerical effect of bf16 / the matmul precision)."""
     import yaml
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "recipe.yaml"
-        recipe.write_text(yaml.safe_dump(_recipe(engine, steps, Path(tmp), bf16)))
+        recipe.write_text(yaml.safe_dump(_recipe(engine, steps, Path(tmp), bf16, precision, asynch)))
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         cli = [sys.executable, "-m", "posttrain.cli", "train", str(recipe)]
         subprocess.run(cli, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
         (run_dir,) = Path(tmp).glob(f"bench-{engine}-*")
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if "time/step" in row]  # the step rows (no evaluation is configured)
     phases = ["time/generate", "time/reward", "time/train", "time/sync"]
     return {
         "step_s": [row["time/step"] for row in rows],
         "phases": {p.split("/")[1]: [row.get(p) for row in rows] for p in phases},
         "reward": [row.get("reward/mean") for row in rows],
+        "first_step": {k: rows[0].get(k) for k in ("entropy", "rollout/logprob_diff", "loss", "grad_norm")},
     }
 
 
-def run_trl(steps: int, bf16: bool) -> dict:
+def run_trl(steps: int, bf16: bool, precision: str = "highest") -> dict:
     """TRL's GRPOTrainer on the same model, prompts, reward and settings; per-step wall time by a callback."""
     import datasets
+    import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -91,6 +107,7 @@ def run_trl(steps: int, bf16: bool) -> dict:
     from posttrain.models.loading import resolve_model_path
     from posttrain.verifiers.math import verify
 
+    torch.set_float32_matmul_precision(precision)
     rows = load_rows(ArithmeticSource(**DATA))
     dataset = datasets.Dataset.from_list(
         [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": str(r["answer"])} for r in rows]
@@ -158,13 +175,16 @@ def run_trl(steps: int, bf16: bool) -> dict:
     return {"step_s": step_s, "phases": {"generate+score": generate_s, "train": train_s}, "reward": rewards}
 
 
-def _child(name: str, steps: int, trl_bf16: bool, bf16: bool) -> dict:
-    """Run one contender in a fresh interpreter and return its JSON result."""
+def _child(name: str, steps: int, trl_bf16: bool, bf16: bool, asynch: bool) -> dict:
+    """Run one contender (`engine[:precision]`) in a fresh interpreter and return its JSON result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, __file__, "--_child", name, "--steps", str(steps), "--_out", out]
+    contender, precision = name.split(":")
+    cmd = [sys.executable, __file__, "--_child", contender, "--steps", str(steps), "--_out", out]
+    cmd += ["--matmul-precision", precision]
     cmd += ["--trl-bf16"] if trl_bf16 else []
     cmd += ["--bf16"] if bf16 else []
+    cmd += ["--async"] if asynch else []
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(Path(out).read_text())
 
@@ -183,6 +203,8 @@ def main() -> None:
     parser.add_argument("--only", default="trl,hf,vllm", help="comma-separated contenders: trl, hf, vllm")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL with its default bf16 autocast")
     parser.add_argument("--bf16", action="store_true", help="both in bf16 autocast (posttrain: train.autocast=bf16)")
+    parser.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
+    parser.add_argument("--async", dest="asynch", action="store_true", help="posttrain with rollout.async_mode")
     parser.add_argument("--json", default=None)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_out", default=None, help=argparse.SUPPRESS)
@@ -190,26 +212,37 @@ def main() -> None:
     if args._child:
         bf16 = args.bf16
         trl_bf16 = args.trl_bf16 or bf16
-        result = run_trl(args.steps, trl_bf16) if args._child == "trl" else run_posttrain(args._child, args.steps, bf16)
+        precision = args.matmul_precision
+        if args._child == "trl":
+            result = run_trl(args.steps, trl_bf16, precision)
+        else:
+            result = run_posttrain(args._child, args.steps, bf16, precision, args.asynch)
         Path(args._out).write_text(json.dumps(result))
         return
     results = {}
     for name in args.only.split(","):
+        name = name if ":" in name else f"{name}:{args.matmul_precision}"
         print(f">> {name}: {args.steps} steps", flush=True)
-        results[name] = _child(name, args.steps, args.trl_bf16, args.bf16)
+        results[name] = _child(name, args.steps, args.trl_bf16, args.bf16, args.asynch)
     print(
         f"\nGRPO step, SmolLM2-135M-Instruct fp32 + LoRA r16 (7 modules), {PROMPTS} prompts x {SAMPLES} samples, "
         f"<= {NEW_TOKENS} new tokens, no KL; {os.cpu_count()} cores"
         + (" (both in bf16 autocast)" if args.bf16 else " (TRL in bf16 autocast)" if args.trl_bf16 else "")
+        + (" (posttrain in async mode: one step off-policy)" if args.asynch else "")
     )
-    base = _steady(results["trl"]["step_s"]) if "trl" in results else None
+    trls = {name: _steady(r["step_s"]) for name, r in results.items() if name.startswith("trl:")}
     for name, r in results.items():
         steady = _steady(r["step_s"])
-        ratio = f"  {steady / base:.2f}x TRL" if base else ""
-        print(f"{name:<6} steps [s]: {_fmt(r['step_s'])}   steady {steady:.1f} s{ratio}")
+        ratios = "".join(f"  {steady / base:.2f}x {trl}" for trl, base in trls.items())
+        print(f"{name:<12} steps [s]: {_fmt(r['step_s'])}   steady {steady:.1f} s{ratios}")
         for phase, values in r["phases"].items():
-            print(f"{'':<6}   {phase:<15} {_fmt(values)}")
-        print(f"{'':<6}   reward/mean     " + " ".join("-" if v is None else f"{v:.3f}" for v in r["reward"]))
+            print(f"{'':<12}   {phase:<15} {_fmt(values)}")
+        print(f"{'':<12}   reward/mean     " + " ".join("-" if v is None else f"{v:.3f}" for v in r["reward"]))
+        if "first_step" in r:
+            print(
+                f"{'':<12}   first step      "
+                + " ".join(f"{k} {v:.6g}" for k, v in r["first_step"].items() if v is not None)
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

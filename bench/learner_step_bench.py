@@ -10,7 +10,10 @@ step's metrics (same initial weights, so `loss`, `entropy`, `rollout/logprob_dif
     .venv/bin/python bench/learner_step_bench.py [--variants base,ref] [--rounds 3] [--profile base]
 
 Variants (comma-separated): `ref` (the reference pass with kl_coef 0, as before it was dropped), `base` (no
-reference pass), `bf16` (train.autocast=bf16). `--profile NAME` prints torch.profiler's top ops of one step.
+reference pass), `bf16` (train.autocast=bf16), `medium` (model.matmul_precision=medium: float32 matmuls on bf16
+inputs), `bucket` (train.micro_batch_tokens=1536: length-bucketed micro-batches); `A+B` combines variants. The
+matmul precision is per process, so it is set to each variant's own before each of its calls.
+`--profile NAME` prints torch.profiler's top ops of one step.
 """
 
 from __future__ import annotations
@@ -19,7 +22,18 @@ import argparse
 import statistics
 import time
 
-VARIANTS = {"ref": dict(reference=True), "base": {}, "bf16": dict(autocast="bf16")}
+VARIANTS = {
+    "ref": dict(reference=True),
+    "base": {},
+    "bf16": dict(autocast="bf16"),
+    "medium": dict(matmul_precision="medium"),
+    "bucket": dict(micro_batch_tokens=1536),
+}
+
+
+def variant(name: str) -> dict:
+    """The settings of a variant name, `A+B` merging A's and B's."""
+    return {k: v for part in name.split("+") for k, v in VARIANTS[part].items()}
 
 
 def rollout_batch(threads: int):
@@ -74,15 +88,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", default=None, help="a variant to profile (one extra step)")
     args = parser.parse_args()
+    import torch
+
+    from posttrain.learner.batch import micro_batches
+
     path, batch = rollout_batch(args.threads)
     lengths = batch.completion_lengths_B.float()
     print(f"batch: {len(batch)} rows, prompt width {batch.prompt_width}, completion mean {lengths.mean():.1f} max")
     names = args.variants.split(",")
-    impls = {name: learner(path, args.threads, **VARIANTS[name]) for name in names}
+    impls = {name: learner(path, args.threads, **variant(name)) for name in names}
+    for name, impl in impls.items():
+        s = impl.settings
+        mbs = micro_batches(batch, s.micro_batch_size, s.micro_batch_tokens)
+        print(f"{name}: {len(mbs)} micro-batches, {sum(mb.input_ids_BT.numel() for mb in mbs)} tokens with padding")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     first: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name, impl in impls.items():
+            torch.set_float32_matmul_precision(impl.settings.matmul_precision)
             start = time.perf_counter()
             metrics = impl.train_step(batch)
             seconds[name].append(time.perf_counter() - start)
@@ -96,6 +119,7 @@ def main() -> None:
             f"entropy {m['entropy']:.6f} logprob_diff {m['rollout/logprob_diff']:.2e} kl {m['kl']:.3g}"
         )
     if args.profile:
+        torch.set_float32_matmul_precision(impls[args.profile].settings.matmul_precision)
         profile(impls[args.profile], batch)
 
 

@@ -126,6 +126,46 @@ def collate(
     )
 
 
+def micro_batches(batch: TrainBatch, max_rows: int, max_tokens: int | None = None) -> list[TrainBatch]:
+    """The micro-batches one pass over `batch` runs, each trimmed to its own longest prompt and completion.
+
+    `max_tokens` None: contiguous runs of `max_rows` rows. Else the rows sorted by length (`length_buckets`) and cut
+    where `max_rows` rows or `max_tokens` padded tokens would be exceeded, so rows of similar length share a
+    micro-batch and less padding is computed. The step's loss is the same either way (its normalisers are the whole
+    step's; every row's terms are its own), up to float summation order.
+    """
+    if max_tokens is None:
+        return [batch.slice(lo, lo + max_rows) for lo in range(0, len(batch), max_rows)]
+    order, bounds = length_buckets(
+        batch.prompt_lengths_B.tolist(), batch.completion_lengths_B.tolist(), max_rows, max_tokens
+    )
+    ordered = select_rows(batch, order)
+    return [ordered.slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def length_buckets(
+    prompt_lengths: Sequence[int], completion_lengths: Sequence[int], max_rows: int, max_tokens: int
+) -> tuple[list[int], list[int]]:
+    """(row order, bounds): rows sorted by (completion, prompt) length, then cut greedily into runs whose padded
+    size, rows x (longest prompt + longest completion), stays within `max_tokens` and whose rows within `max_rows`.
+    A row longer than `max_tokens` on its own gets a run of its own. `bounds` = `[0, ..., len(rows)]`."""
+    if max_rows < 1 or max_tokens < 1:
+        raise ValueError(f"length_buckets: max_rows and max_tokens must be >= 1, got {max_rows} and {max_tokens}")
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (completion_lengths[i], prompt_lengths[i]))
+    bounds, p, c = [0], 0, 0
+    for k, i in enumerate(order):
+        rows = k - bounds[-1]
+        # a micro-batch's widths: its longest prompt, its longest completion (at least 1, as `TrainBatch.slice`)
+        wide_p, wide_c = max(p, prompt_lengths[i]), max(c, completion_lengths[i], 1)
+        if rows and (rows + 1 > max_rows or (rows + 1) * (wide_p + wide_c) > max_tokens):
+            bounds.append(k)
+            wide_p, wide_c = prompt_lengths[i], max(completion_lengths[i], 1)
+        p, c = wide_p, wide_c
+    if order:
+        bounds.append(len(order))
+    return order, bounds
+
+
 def select_rows(batch: TrainBatch, rows: Sequence[int]) -> TrainBatch:
     """The batch's `rows` (any order, possibly none), at the full widths: no padding column is dropped, so a
     data-parallel rank's share keeps the layout of the whole batch."""

@@ -30,7 +30,7 @@ from torch import nn
 
 from posttrain.algorithms.gae import value_loss
 from posttrain.learner.batch import TrainBatch
-from posttrain.models.loading import load_model
+from posttrain.models.loading import load_model, set_matmul_precision
 from posttrain.models.logprobs import position_ids_from_mask
 from posttrain.models.lora import LoraSettings
 from posttrain.models.training import (
@@ -105,6 +105,7 @@ class CriticImpl:
     def __init__(self, settings: CriticSettings):
         self.settings = s = settings
         torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
+        set_matmul_precision(s.matmul_precision, "CriticSettings.matmul_precision")
         self.model = load_value_model(s.model_path, s.dtype, s.lora, s.seed, s.quantize)
         self.model.train()
         self.optimizer, self.scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad], s)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from posttrain.learner.batch import TrainBatch
+from posttrain.learner.batch import TrainBatch, micro_batches
 from posttrain.learner.data_parallel import DataParallelLearnerImpl
 from posttrain.models.lora import plain_model, save_merged
 from posttrain.models.lora_adapter import lora_adapter
@@ -165,9 +165,11 @@ class FSDPLearnerImpl(DataParallelLearnerImpl):
 
     def _update(self, batch: TrainBatch, stats: Stats) -> int:
         # the backward passes `LearnerImpl._update` will run: its micro-batches that have loss tokens
-        size = self.settings.micro_batch_size
+        s = self.settings
         self._planned = sum(
-            1 for lo in range(0, len(batch), size) if float(batch.loss_mask_BC[lo : lo + size].sum()) > 0
+            1
+            for mb in micro_batches(batch, s.micro_batch_size, s.micro_batch_tokens)
+            if float(mb.loss_mask_BC.sum()) > 0
         )
         self._most = self._max_over_ranks(self._planned)
         self._passes = 0

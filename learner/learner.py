@@ -43,8 +43,8 @@ from posttrain.algorithms.losses.sft import sft_nll
 from posttrain.algorithms.losses.tis import tis_weights
 from posttrain.algorithms.masked import masked_mean
 from posttrain.algorithms.reduction import reduce_loss
-from posttrain.learner.batch import TrainBatch, batch_to, select_rows
-from posttrain.models.loading import load_model, load_tokenizer
+from posttrain.learner.batch import TrainBatch, batch_to, micro_batches, select_rows
+from posttrain.models.loading import load_model, load_tokenizer, set_matmul_precision
 from posttrain.models.logprobs import autocast_body, completion_logits, logprobs_from_logits, token_logprobs
 from posttrain.models.lora import apply_lora, full_precision_copy, merged_state_dict, save_merged
 from posttrain.models.lora_adapter import LoraAdapter, lora_adapter
@@ -86,6 +86,9 @@ class LearnerSettings(OptimizerSettings):
     loss_reduction: str = "token-mean"
     autocast: str = "none"
     """"bf16": the model's forward/backward under bf16 autocast; the LM head and log-probs stay float32"""
+    micro_batch_tokens: int | None = None
+    """update passes: rows sorted by length into micro-batches of at most this many padded tokens (and at most
+    `micro_batch_size` rows), `learner.batch.micro_batches`; None = contiguous micro-batches of `micro_batch_size`"""
     device: str = "auto"
     """"auto" = cuda when this process sees a GPU (a Ray actor sees one only if given `num_gpus`), else cpu"""
     empty_cuda_cache: bool = False
@@ -111,6 +114,7 @@ class LearnerImpl(WeightSender):
             raise ValueError("LearnerSettings.loss: opd_jsd needs the teacher (LearnerImpl(settings, teacher=...))")
         self.teacher = teacher
         torch.set_num_threads(s.num_threads or os.cpu_count() or 1)
+        set_matmul_precision(s.matmul_precision, "LearnerSettings.matmul_precision")  # the reference's too
         torch.manual_seed(s.seed)
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
         self.tokenizer = load_tokenizer(s.model_path, padding_side="right")
@@ -232,8 +236,7 @@ class LearnerImpl(WeightSender):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         norm = dict(num_tokens=num_tokens, num_seqs=int(num_seqs), max_completion_tokens=batch.max_completion_tokens)
-        for lo in range(0, len(batch), s.micro_batch_size):
-            mb = batch.slice(lo, lo + s.micro_batch_size)
+        for mb in micro_batches(batch, s.micro_batch_size, s.micro_batch_tokens):
             if float(mb.loss_mask_BC.sum()) > 0:
                 self._micro_batch_backward(mb, norm, stats)
         params = [p for p in self.model.parameters() if p.requires_grad]

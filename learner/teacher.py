@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.learner.batch import TrainBatch
-from posttrain.models.loading import load_model, load_tokenizer
+from posttrain.models.loading import load_model, load_tokenizer, set_matmul_precision
 from posttrain.models.logprobs import completion_logits, token_logprobs
 
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
@@ -62,6 +62,8 @@ class TeacherSettings:
     device: str = "auto"
     """"auto" = cuda when available, else cpu"""
     num_threads: int | None = None
+    matmul_precision: str = "highest"
+    """this process's float32 matmul precision (`models.loading.set_matmul_precision`)"""
 
 
 class TeacherImpl:
@@ -72,6 +74,7 @@ class TeacherImpl:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
         if self.device.type == "cpu":
             torch.set_num_threads(s.num_threads or os.cpu_count() or 1)  # Ray actors start with one thread
+        set_matmul_precision(s.matmul_precision, "TeacherSettings.matmul_precision")
         self.model = load_model(s.model_path, dtype=s.dtype).to(self.device).eval().requires_grad_(False)
         self.vocab_size = len(load_tokenizer(s.model_path))
 

@@ -1,4 +1,5 @@
-"""Loading causal LMs and tokenizers by name or path, dtype names, and turning prompts into model-ready text.
+"""Loading causal LMs and tokenizers by name or path, dtype names, the process's float32 matmul precision, and
+turning prompts into model-ready text.
 
 Prompt text convention (every engine and learner relies on it): `format_prompt` returns a string that already
 holds every special token the model expects (chat markers, and the BOS token when the tokenizer normally adds one),
@@ -27,6 +28,22 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def set_matmul_precision(precision: str, key: str = "matmul_precision") -> None:
+    """`torch.set_float32_matmul_precision` for this whole process (every float32 matmul it runs from now on).
+
+    Called where a process that runs a model sets itself up (learner, critic, teacher and rollout worker actors, the
+    offline trainer, `posttrain eval`), next to its thread count. "highest" is torch's default: exact float32.
+    "medium" lets a float32 matmul round its inputs to bf16 and accumulate in float32 (oneDNN on CPUs with AMX-bf16;
+    where no such kernel exists torch falls back to "high"); "high" allows TF32 on GPUs (with torch 2.13 on CPU it
+    computes as "highest"). Bad values raise naming `key`, the recipe key they came from."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"{key}: unknown {precision!r}; allowed: {', '.join(MATMUL_PRECISIONS)}")
+    torch.set_float32_matmul_precision(precision)
 
 
 def resolve_model_path(name_or_path: str, key: str | None = None) -> str:

@@ -43,6 +43,8 @@ class OptimizerSettings:
     mini_batches: int = 1
     seed: int = 0
     num_threads: int | None = None
+    matmul_precision: str = "highest"
+    """float32 matmul precision of this process (`models.loading.set_matmul_precision`; model.matmul_precision)"""
 
 
 def make_optimizer(params: list[torch.nn.Parameter], s: OptimizerSettings):

@@ -31,6 +31,7 @@ from posttrain.models.loading import (
     load_tokenizer,
     quantization_kwargs,
     resolve_model_path,
+    set_matmul_precision,
     torch_dtype,
 )
 from posttrain.models.lora import LoraSettings, apply_lora, save_merged
@@ -111,6 +112,7 @@ class OfflineTrainer:
         self.cfg = cfg
         self.method = cfg.algorithm.spec.learner_loss  # the objective: sft, dpo, orpo or reward_model
         torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+        set_matmul_precision(cfg.model.matmul_precision, "model.matmul_precision")
         self.model_path = model_path = resolve_model_path(cfg.model.path, "model.path")
         self.tokenizer = load_tokenizer(model_path, padding_side="right")
         self.pad_id = self.tokenizer.pad_token_id

@@ -96,6 +96,7 @@ def start_rollout_pool(cfg: RecipeConfig, model_path: str, placement: Placement 
             # generation and training alternate, so each role may use every core while it runs
             num_threads=cfg.rollout.num_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.workers),
             engine_options=rollout_engine_options(cfg),
+            matmul_precision=cfg.model.matmul_precision,
         )
         for i in range(cfg.rollout.workers)
     ]
@@ -136,7 +137,9 @@ def learner_settings(cfg: RecipeConfig, model_path: str) -> LearnerSettings:
         total_steps=train.steps * updates,
         max_grad_norm=train.max_grad_norm,
         micro_batch_size=train.micro_batch_size,
+        micro_batch_tokens=train.micro_batch_tokens,
         autocast=train.autocast,
+        matmul_precision=cfg.model.matmul_precision,
         temperature=cfg.rollout.temperature,
         loss=f"opd_{cfg.opd.loss}" if algo.spec.learner_loss == "opd" else algo.spec.learner_loss,
         opd_beta=cfg.opd.beta,

@@ -44,6 +44,7 @@ def start_opd_teacher(cfg: RecipeConfig, path: str):
         temperature=cfg.rollout.temperature,
         batch_size=cfg.opd.teacher_batch_size,
         num_threads=cfg.train.num_threads,
+        matmul_precision=cfg.model.matmul_precision,
     )
     return start_teacher(settings)
 

@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import torch
 
+from posttrain.models.loading import set_matmul_precision
 from posttrain.models.lora_adapter import LoraAdapter
 from posttrain.rollout.engine import InferenceEngine, Prompts
 from posttrain.rollout.types import PromptResult, SamplingParams
@@ -31,6 +32,8 @@ class RolloutWorkerImpl(WeightReceiver):
         dtype: "float32", "bfloat16" or "float16".
         max_batch_size: sequences generated together by the engine.
         num_threads: torch CPU threads in this worker's process; None keeps Ray's setting.
+        matmul_precision: this process's float32 matmul precision (`models.loading.set_matmul_precision`): the hf
+            engine's matmuls follow it; vLLM's own kernels and processes are not steered by it.
         engine_options: extra keyword arguments of the engine's class (vllm: `gpu_memory_utilization`, `kv_cache_gb`,
             `max_model_len`, `max_lora_rank`; see `rollout/vllm_engine.py`).
     """
@@ -43,11 +46,13 @@ class RolloutWorkerImpl(WeightReceiver):
         max_batch_size: int = 64,
         num_threads: int | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        matmul_precision: str = "highest",
     ):
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINES)}")
         if model_path is None:
             raise ValueError("RolloutWorker needs a model_path")
+        set_matmul_precision(matmul_precision, "RolloutWorker matmul_precision")
         if engine == "vllm":
             from posttrain.rollout.vllm_engine import VLLMEngine as engine_class
         else:
