@@ -195,16 +195,35 @@ def synthetic_batch(vocab: int, pad_id: int, rows: int = 32, seed: int = 0):
     return collate(samples, advantages, pad_id, max_completion_tokens=80)
 
 
-def learner_step(ctx: Context, dtype: str) -> str:
-    """One warm-up and one timed GRPO `train_step` of `LearnerImpl` on 32 x ~100 tokens; the phases timed apart."""
+def learner_step(ctx: Context, dtype: str, precision: str = "highest") -> str:
+    """One warm-up and one timed GRPO `train_step` of `LearnerImpl` on 32 x ~100 tokens; the phases timed apart.
+    `precision`: `model.matmul_precision` (`high` = TF32 matmuls on CUDA); the process's setting is restored after."""
     import torch
 
     try:
         from posttrain.learner.learner import LearnerImpl, LearnerSettings
     except ImportError as err:
         raise Skip(f"posttrain.learner.learner does not import: {err}") from None
-    settings = LearnerSettings(model_path=ctx.model_path, dtype=dtype, lr=1e-4, micro_batch_size=16, device=ctx.device)
-    learner = LearnerImpl(settings)
+    settings = LearnerSettings(
+        model_path=ctx.model_path,
+        dtype=dtype,
+        lr=1e-4,
+        micro_batch_size=16,
+        device=ctx.device,
+        matmul_precision=precision,
+    )
+    before_precision = torch.get_float32_matmul_precision()
+    try:
+        return _timed_learner_step(
+            ctx, LearnerImpl(settings), dtype if precision == "highest" else f"{dtype}-{precision}"
+        )
+    finally:
+        torch.set_float32_matmul_precision(before_precision)
+
+
+def _timed_learner_step(ctx: Context, learner, label: str) -> str:
+    import torch
+
     batch = synthetic_batch(len(learner.tokenizer), learner.tokenizer.pad_token_id, rows=ctx.size(32))
     optimizer_s: list[float] = []  # the optimizer step, timed apart from the forward-backward passes by its hooks
 
@@ -227,12 +246,12 @@ def learner_step(ctx: Context, dtype: str) -> str:
     sync(ctx)
     step_s, optimizer_s = time.perf_counter() - start, optimizer_s[-1] - optimizer_s[-2]
     peak = torch.cuda.max_memory_allocated() if ctx.cuda else 0
-    ctx.peaks[f"learner_{dtype}"] = peak
+    ctx.peaks[f"learner_{label}"] = peak
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in learner.model.named_parameters())
     total = sum(p.numel() for p in before.values())
     tokens = int(batch.attention_mask_BT.sum())
     detail = (
-        f"{dtype}: log-probs {logprob_s * 1e3:.0f} ms, fwd-bwd {(step_s - optimizer_s) * 1e3:.0f} ms, optimizer "
+        f"{label}: log-probs {logprob_s * 1e3:.0f} ms, fwd-bwd {(step_s - optimizer_s) * 1e3:.0f} ms, optimizer "
         f"{optimizer_s * 1e3:.0f} ms, {tokens / step_s:,.0f} train tokens/s, peak {peak / 2**30:.2f} GiB, "
         f"loss {metrics['loss']:.4f}, {changed / total:.0%} of weights changed"
     )
@@ -395,6 +414,7 @@ def checks() -> list[tuple[str, object]]:
     return [
         ("learner_step_bf16", lambda ctx: learner_step(ctx, "bfloat16")),
         ("learner_step_fp32", lambda ctx: learner_step(ctx, "float32")),
+        ("learner_step_fp32_tf32", lambda ctx: learner_step(ctx, "float32", "high")),
         ("hf_engine_generate", hf_engine_generate),
         ("episodes_hf", episodes_hf),
         ("ipc_weight_handoff", gpu_sync.ipc_weight_handoff),

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 from posttrain.config import RecipeConfig
-from posttrain.models.loading import set_matmul_precision
 from posttrain.online import components
 from posttrain.online.env_rollout import REWARD_NAME, EnvRollout, episode_metrics
 from posttrain.rewards.combine import trl_completion
@@ -120,7 +119,6 @@ def evaluate_recipe(cfg: RecipeConfig) -> dict:
     components.check_reward_columns(specs, [], rows)
     model_path = components.model_path_of(cfg)
     fmt = components.PromptFormatter(cfg, model_path)
-    set_matmul_precision(cfg.model.matmul_precision, "model.matmul_precision")  # the engine runs in this process
     engine = HFEngine(
         model_path,
         dtype=cfg.model.dtype,

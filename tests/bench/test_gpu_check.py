@@ -77,8 +77,8 @@ def test_dry_run_checks_pass_or_skip_with_a_reason(capsys):
     out = capsys.readouterr().out
     lines = {m.group(1): m.groups()[1:] for m in map(LINE.match, out.splitlines()) if m}
     assert set(lines) == set(names)
-    assert out.startswith("MODEL: tiny random Llama") and "SUMMARY: 5 PASS, 0 FAIL, 3 SKIP" in out
-    for name in ("learner_step_bf16", "learner_step_fp32"):
+    assert out.startswith("MODEL: tiny random Llama") and "SUMMARY: 6 PASS, 0 FAIL, 3 SKIP" in out
+    for name in ("learner_step_bf16", "learner_step_fp32", "learner_step_fp32_tf32"):
         status, detail = lines[name]
         assert status == "PASS" and "of weights changed" in detail and "loss nan" not in detail
     assert lines["hf_engine_generate"][0] == "PASS"

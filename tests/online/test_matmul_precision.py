@@ -1,5 +1,5 @@
-"""`model.matmul_precision`: validated by the schema, and set in every process that runs the model (asked of the
-learner and rollout worker actors themselves, not of the settings handed to them)."""
+"""`model.matmul_precision`: validated by the schema, and set in every process that trains the model, not in the rollout
+workers (asked of the learner and rollout worker actors themselves, not of the settings handed to them)."""
 
 import pytest
 import torch
@@ -47,14 +47,15 @@ def test_teacher_sets_its_process():
         torch.set_float32_matmul_precision(before)
 
 
-def test_learner_and_rollout_worker_processes_run_at_the_recipe_precision(ray_session):
+def test_the_learner_process_runs_at_the_recipe_precision_and_the_rollout_workers_at_highest(ray_session):
     path, precision = str(tiny_model_path()), "medium"  # not torch's default, so only the wiring can produce it
     cfg = validate_config({**BASE, "model": {"path": path, "matmul_precision": precision}})
     learner = components.start_learner(cfg, path)
     pool = components.start_rollout_pool(cfg, path)
     try:
         assert _precision_of(ray_session, learner) == precision
-        assert [_precision_of(ray_session, w) for w in pool.workers] == [precision]
+        # decoding is slower with bf16 matmul inputs (each call converts the weights): the workers keep float32
+        assert [_precision_of(ray_session, w) for w in pool.workers] == ["highest"]
     finally:
         ray_session.kill(learner)
         for worker in pool.workers:
