@@ -74,9 +74,8 @@ class ModelConfig(_Section):
     """format prompts with the tokenizer's chat template"""
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
     """float32 matmul precision (`torch.set_float32_matmul_precision`) in every process that trains or scores the
-    model: learner, reference, critic, teacher, offline trainer; not the rollout workers nor `posttrain eval`, whose
-    decoding runs matmuls of a few rows that pay a bf16 conversion of the whole weight on every call (measured
-    slower: docs/measurements.md#grpo-step-vs-trl). "highest" (default) is exact
+    model: learner, reference, critic, teacher, offline trainer; not the rollout workers nor `posttrain eval`: their
+    decoding measured 1.6x slower with it (docs/measurements.md#grpo-step-vs-trl). "highest" (default) is exact
     float32. "medium" rounds each matmul's inputs to bf16 and accumulates in float32, like TF32 on GPUs: the weights,
     gradients and optimizer stay float32, so no weight is cast, but every matmul loses the inputs' low mantissa bits
     (log-probs move in about the 3rd digit; the engine and the learner then disagree a little: rollout/logprob_diff).
