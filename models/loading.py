@@ -89,6 +89,8 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from posttrain.models.attention import use_grouped_sdpa
+
     hf_logging.disable_progress_bar()  # per-actor weight-loading bars would interleave with the run's progress bar
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(name_or_path),
@@ -96,6 +98,7 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
         trust_remote_code=trust_remote_code,
         **quantization_kwargs(quantize, dtype),
     )
+    use_grouped_sdpa(model)  # no copy of the key/value heads per layer (models/attention.py)
     return keep_4bit_layout(model) if quantize != "none" else model
 
 
