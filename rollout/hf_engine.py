@@ -39,6 +39,7 @@ from posttrain.rollout.engine import (
     tokenize_prompts,
     wake_tags,
 )
+from posttrain.rollout.kv_cache import preallocated_cache
 from posttrain.rollout.types import Completion, PromptResult, SamplingParams
 
 
@@ -154,6 +155,7 @@ class HFEngine(InferenceEngine):
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             use_cache=True,
+            past_key_values=preallocated_cache(self.model.config, prompt_width + params.max_new_tokens),
             logits_processor=LogitsProcessorList([recorder]),
             stopping_criteria=StoppingCriteriaList([stop_strings] if stop_strings else []),
         )
