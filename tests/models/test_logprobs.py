@@ -155,3 +155,28 @@ def test_autocast_body_keeps_the_lm_head_in_float32(model):
     assert not model.lm_head._forward_pre_hooks and not model.lm_head._forward_hooks
     with autocast_body(model, "cpu", None):  # None: no autocast at all
         assert torch.equal(token_logprobs(model, input_ids_BT, mask_BT, completion_start=3)[0], fp32_lp)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 16])
+def test_selected_logprobs_equal_autograd_gather_minus_logsumexp(monkeypatch, rows_per_chunk):
+    """The fused function gives bitwise the values and logits gradient of the plain autograd formula."""
+    monkeypatch.setattr(logprobs_module, "_CHUNK_ELEMENTS", rows_per_chunk * 50)
+    generator = torch.Generator().manual_seed(0)
+    logits_NV = (torch.randn(16, 50, generator=generator) * 4).requires_grad_()
+    targets_N = torch.randint(0, 50, (16,), generator=generator)
+    weights_N = torch.randn(16, generator=generator)
+    ours, entropy = logprobs_module._selected_logprobs_and_entropy(logits_NV, targets_N, True)
+    (ours * weights_N).sum().backward()
+    grad, logits_NV.grad = logits_NV.grad, None
+    plain = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - torch.logsumexp(logits_NV, -1)
+    (plain * weights_N).sum().backward()
+    assert torch.equal(ours, plain) and torch.equal(grad, logits_NV.grad)
+    logp = torch.log_softmax(logits_NV.detach(), -1)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), rtol=1e-6, atol=1e-6)
+    assert not entropy.requires_grad
+
+
+def test_selected_logprobs_gradcheck():
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    assert torch.autograd.gradcheck(lambda x: logprobs_module._SelectedLogprobs.apply(x, targets, False)[0], (logits,))
