@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.models.loading import load_model
-from posttrain.rollout.hf_engine import HFEngine
+from posttrain.rollout.hf_engine import HFEngine, draw
 from posttrain.rollout.types import SamplingParams
 
 
@@ -97,33 +97,37 @@ def test_sampler_logprobs_equal_teacher_forcing(engine, reference_model, prompts
             torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(expected), atol=1e-4, rtol=0)
 
 
-def test_recorded_logprobs_equal_those_from_generate_output_logits(engine, prompts):
-    """Twin check: the engine's streaming recorder against transformers' own `output_logits=True` (all steps kept)."""
-    params = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=10, seed=11)
-    results = engine.generate(prompts, params)
-    ids = [r.prompt_token_ids for r in results]
-    width = max(map(len, ids))
-    input_ids = torch.tensor([[engine.pad_token_id] * (width - len(i)) + i for i in ids])
+def test_sampled_tokens_equal_a_manual_loop_drawing_from_the_warped_distribution(engine, reference_model, prompts):
+    """Twin check of the sampling path: a manual loop (full forward per step, no cache, no padding) that tempers,
+    applies transformers' top-k and top-p warpers and calls `draw` with the same generator draws the same tokens."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    params = SamplingParams(temperature=0.8, top_p=0.95, top_k=40, max_new_tokens=10, seed=11)
+    result = engine.generate(prompts[:1], params)[0]  # one row: the generator's draws are that row's
+    ids, tokens = list(result.prompt_token_ids), []
     torch.manual_seed(11)
-    with torch.inference_mode():
-        out = engine.model.generate(
-            input_ids=input_ids,
-            attention_mask=(input_ids != engine.pad_token_id).long(),
-            do_sample=True,
-            temperature=0.8,
-            top_p=0.95,
-            top_k=0,
-            max_new_tokens=10,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    for row, result in enumerate(results):
-        completion = result.completions[0]
-        tokens = out.sequences[row, width : width + len(completion.token_ids)]
-        assert tokens.tolist() == completion.token_ids
-        logits_LV = torch.stack(out.logits, dim=1)[row, : len(tokens)]
-        expected = torch.log_softmax(logits_LV / 0.8, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for _ in range(len(result.completions[0].token_ids)):
+            logprobs_1V = torch.log_softmax(reference_model(torch.tensor([ids])).logits[:, -1].float() / 0.8, dim=-1)
+            warped_1V = TopPLogitsWarper(0.95)(None, TopKLogitsWarper(40)(None, logprobs_1V))
+            tokens.append(int(draw(warped_1V)))
+            ids.append(tokens[-1])
+    assert tokens == result.completions[0].token_ids
+
+
+def test_draw_follows_the_distribution_and_never_picks_excluded_tokens():
+    probs = torch.tensor([0.5, 0.25, 0.0, 0.15, 0.1 - 1e-6, 1e-6])
+    logits_BV = probs.log().expand(200_000, -1)  # log(0) = -inf: never drawn
+    torch.manual_seed(0)
+    counts = torch.bincount(draw(logits_BV).squeeze(1), minlength=6).double()
+    expected = probs.double() * len(logits_BV)
+    assert counts[2] == 0
+    # each frequency within 5 standard deviations of a binomial count (the rare token: 0.2 expected)
+    sd = (expected * (1 - probs.double())).sqrt()
+    assert ((counts - expected).abs() <= 5 * sd + 2).all(), (counts, expected)
+    single = torch.full((3, 6), -torch.inf)
+    single[:, 4] = 0.0
+    assert draw(single).squeeze(1).tolist() == [4, 4, 4]
 
 
 def test_chunked_batches_match_one_batch(model_path, engine, prompts):
