@@ -91,13 +91,15 @@ def token_logprobs(
         raise ValueError(f"completion_start must be in [1, {input_ids_BT.shape[1]}), got {completion_start}")
     extra = {"logits_to_keep": _predicting_positions(input_ids_BT, start)} if start else {}
     packed = position_ids_BT is not None
-    output = model(
-        input_ids=input_ids_BT,
-        attention_mask=None if packed else attention_mask_BT,
-        position_ids=position_ids_BT if packed else position_ids_from_mask(attention_mask_BT),
-        use_cache=False,
-        **extra,
-    )
+    valid_BC = attention_mask_BT[:, start:].bool() if start else None
+    with _head_on_rows(model, valid_BC):
+        output = model(
+            input_ids=input_ids_BT,
+            attention_mask=None if packed else attention_mask_BT,
+            position_ids=position_ids_BT if packed else position_ids_from_mask(attention_mask_BT),
+            use_cache=False,
+            **extra,
+        )
     logits_BTV = output.logits
     del output  # keep only the logits alive
     if logits_BTV.dtype != torch.float32:
@@ -107,15 +109,21 @@ def token_logprobs(
     elif temperature != 1.0:
         logits_BTV = logits_BTV / temperature
 
+    batch_size = input_ids_BT.shape[0]
+    if start and logits_BTV.dim() == 2:  # the head ran on the completion's real tokens only: [N, V]
+        targets_N = input_ids_BT[:, start:][valid_BC]
+        logprobs_N, entropy_N = _selected_logprobs_and_entropy(logits_BTV, targets_N, with_entropy)
+        zeros_BC = logprobs_N.new_zeros(valid_BC.shape)
+        entropy_BC = zeros_BC.masked_scatter(valid_BC, entropy_N) if entropy_N is not None else None
+        return zeros_BC.masked_scatter(valid_BC, logprobs_N), entropy_BC
+
     # position t-1 predicts token t (from S on, the logits are already those positions only)
     pred_BTV = logits_BTV[:, :-1] if not start else logits_BTV
     pred_NV = pred_BTV.reshape(-1, logits_BTV.shape[-1])  # N = B*(T-1), or B*(T-S) from S on: then a view
     targets_N = input_ids_BT[:, max(1, start) :].reshape(-1)
     logprobs_N, entropy_N = _selected_logprobs_and_entropy(pred_NV, targets_N, with_entropy)
 
-    batch_size = input_ids_BT.shape[0]
     if start:  # columns S..T-1 only, each predicted by the column before it
-        valid_BC = attention_mask_BT[:, start:].bool()
         zeros = torch.zeros_like(logprobs_N.view(batch_size, -1))
         logprobs_BC = torch.where(valid_BC, logprobs_N.view(batch_size, -1), zeros)
         entropy_BC = torch.where(valid_BC, entropy_N.view(batch_size, -1), zeros) if entropy_N is not None else None
@@ -125,6 +133,32 @@ def token_logprobs(
     logprobs_BT = _align(logprobs_N.view(batch_size, -1), valid_BT)
     entropy_BT = _align(entropy_N.view(batch_size, -1), valid_BT) if entropy_N is not None else None
     return logprobs_BT, entropy_BT
+
+
+@contextlib.contextmanager
+def _head_on_rows(model: nn.Module, valid_BC: torch.Tensor | None) -> Iterator[None]:
+    """Inside the block the model's LM head (output embedding) runs on the hidden states of `valid_BC`'s True
+    positions only, so the model returns logits [N, V] for those N positions instead of [B, C, V]; `valid_BC` None,
+    or a model without an output embedding: no change.
+
+    A batch's completions are right-padded to the longest (on the GRPO bench 37% of the [B, C] positions were
+    padding): the head's matmuls, the log-softmax over the vocabulary and its gradient skip them.
+    """
+    head = model.get_output_embeddings() if valid_BC is not None else None
+    if head is None:
+        yield
+        return
+
+    def select(_module, args):
+        if not args or args[0].shape[:2] != valid_BC.shape:  # not the [B, C, H] call this expects: leave it
+            return None
+        return (args[0][valid_BC], *args[1:])
+
+    hook = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def completion_logits(

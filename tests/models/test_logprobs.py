@@ -136,6 +136,35 @@ def test_completion_start_gives_the_same_values_on_completion_columns_only(model
     assert lp_BC[1, 2:].abs().sum() == 0  # padding stays exactly 0
 
 
+def test_completion_start_runs_the_head_on_real_completion_tokens_only(model):
+    """With `completion_start` the LM head gets the N real completion positions (not the right padding), and the
+    log-probs and their gradients equal the full path's."""
+    torch.manual_seed(1)
+    ids_BT = torch.randint(3, 50, (3, 10))
+    mask_BT = torch.ones_like(ids_BT)
+    mask_BT[0, :3] = 0
+    mask_BT[1, 6:] = 0  # completion of 2 tokens after column 4
+    mask_BT[2, 8:] = 0
+    weights_BT = torch.randn(3, 10)
+    seen = []
+    probe = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
+    try:
+        lp_BC, _ = token_logprobs(model, ids_BT, mask_BT, completion_start=4)
+    finally:
+        probe.remove()
+    assert seen == [(int(mask_BT[:, 4:].sum()), model.config.hidden_size)]
+    model.zero_grad()
+    (lp_BC * weights_BT[:, 4:]).sum().backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full_BT, _ = token_logprobs(model, ids_BT, mask_BT)
+    (full_BT[:, 4:] * weights_BT[:, 4:]).sum().backward()
+    torch.testing.assert_close(lp_BC, full_BT[:, 4:], atol=1e-6, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert not model.lm_head._forward_pre_hooks
+
+
 def test_autocast_body_keeps_the_lm_head_in_float32(model):
     """Under `autocast_body` the body's matmuls run in bf16 but the head gets float32 hidden states and weights:
     float32 logits, log-probs within bf16's rounding of the float32 ones, and the hooks gone afterwards."""
