@@ -57,7 +57,67 @@ def apply_lora(model: nn.Module, settings: LoraSettings):
         task_type=TaskType.SEQ_CLS if classifier else TaskType.CAUSAL_LM,
         modules_to_save=["score"] if classifier else None,
     )
-    return get_peft_model(model, config)
+    return fuse_lora_branches(get_peft_model(model, config))
+
+
+def fuse_lora_branches(model: nn.Module) -> nn.Module:
+    """Turn every plain peft `lora.Linear` of `model` into a `FusedLoraLinear` (same state, same function; the
+    branch is added inside one matmul); returns `model`. 4-bit and other LoRA layer types are left as they are."""
+    from peft.tuners.lora.layer import Linear
+
+    for module in model.modules():
+        if type(module) is Linear:
+            module.__class__ = _fused_linear_class()
+    return model
+
+
+def _fused_linear_class():
+    global _FUSED_LINEAR
+    if _FUSED_LINEAR is None:
+        from peft.tuners.lora.layer import Linear
+
+        class FusedLoraLinear(Linear):
+            """peft's `lora.Linear`, whose forward computes `W x + scale * B (A x)` with the branch's second matmul,
+            its scaling and the sum in one `torch.addmm` (peft: a matmul, a multiply and an add over the layer's
+            whole output, and both again backward). Anything but one plain active adapter (merged, disabled,
+            adapter variants, mixed batches, a bias on B) takes peft's own forward."""
+
+            def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+                names = self.active_adapters
+                name = names[0] if len(names) == 1 else None
+                if (
+                    args
+                    or kwargs
+                    or self.disable_adapters
+                    or self.merged
+                    or name not in self.lora_A
+                    or name in self.lora_variant
+                    or self.lora_B[name].bias is not None
+                ):
+                    return super().forward(x, *args, **kwargs)
+                result = self.base_layer(x)
+                lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+                low_rank = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))
+                fused = torch.addmm(
+                    result.reshape(-1, result.shape[-1]),
+                    low_rank.reshape(-1, low_rank.shape[-1]),
+                    lora_B.weight.t(),
+                    alpha=self.scaling[name],
+                )
+                return fused.view(result.shape).to(result.dtype)
+
+        FusedLoraLinear.__qualname__ = "FusedLoraLinear"  # pickled by name, found through the module __getattr__
+        _FUSED_LINEAR = FusedLoraLinear
+    return _FUSED_LINEAR
+
+
+_FUSED_LINEAR = None
+
+
+def __getattr__(name: str):
+    if name == "FusedLoraLinear":  # built on first use: importing peft is slow and not every caller needs it
+        return _fused_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_sequence_classifier(model: nn.Module) -> bool:

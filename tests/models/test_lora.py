@@ -108,3 +108,44 @@ def test_save_merged_reloads_as_plain_model(lora_model, input_ids_BT, tmp_path):
     assert not isinstance(reloaded, PeftModel)
     torch.testing.assert_close(reloaded(input_ids_BT).logits, expected, atol=1e-5, rtol=0)
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+def test_fused_lora_layers_compute_peft_forward_and_gradients(tiny_path, input_ids_BT):
+    """`apply_lora` swaps peft's `lora.Linear` for `FusedLoraLinear`: the same outputs and gradients (the branch's
+    matmul, scale and sum in one addmm), peft's own forward when the adapter is disabled, and copies keep the class."""
+    import copy
+
+    from peft.tuners.lora.layer import Linear
+
+    from posttrain.models.lora import FusedLoraLinear
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_path), LoraSettings(rank=4, alpha=8))
+    fused = [m for m in model.modules() if isinstance(m, Linear)]
+    assert fused and all(type(m) is FusedLoraLinear for m in fused)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+
+    def run():
+        model.zero_grad()
+        logits = model(input_ids=input_ids_BT).logits
+        logits.pow(2).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours = run()
+    for m in fused:
+        m.__class__ = Linear
+    theirs = run()
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-6)
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) == 2 * len(fused)
+    for name, grad in ours[1].items():
+        torch.testing.assert_close(grad, theirs[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    for m in fused:
+        m.__class__ = FusedLoraLinear
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=input_ids_BT).logits
+    plain = AutoModelForCausalLM.from_pretrained(tiny_path)
+    with torch.no_grad():
+        torch.testing.assert_close(base, plain(input_ids=input_ids_BT).logits, rtol=0, atol=1e-6)
+    assert type(copy.deepcopy(model).base_model.model.model.layers[0].self_attn.q_proj) is FusedLoraLinear
