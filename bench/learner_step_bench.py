@@ -11,7 +11,8 @@ step's metrics (same initial weights, so `loss`, `entropy`, `rollout/logprob_dif
 
 Variants (comma-separated): `ref` (the reference pass with kl_coef 0, as before it was dropped), `base` (no
 reference pass), `bf16` (train.autocast=bf16), `medium` (model.matmul_precision=medium: float32 matmuls on bf16
-inputs), `bucket` (train.micro_batch_tokens=1536: length-bucketed micro-batches); `A+B` combines variants. The
+inputs), `bucket` (train.micro_batch_tokens=1536: length-bucketed micro-batches), `peft` (peft's own LoRA forward
+instead of `FusedLoraLinear`); `A+B` combines variants. The
 matmul precision is per process, so it is set to each variant's own before each of its calls.
 `--profile NAME` prints torch.profiler's top ops of one step.
 """
@@ -28,6 +29,7 @@ VARIANTS = {
     "bf16": dict(autocast="bf16"),
     "medium": dict(matmul_precision="medium"),
     "bucket": dict(micro_batch_tokens=1536),
+    "peft": dict(peft_lora=True),
 }
 
 
@@ -70,7 +72,15 @@ def learner(path: str, threads: int, **changes):
 
     lora = LoraSettings(rank=16, alpha=32, dropout=0.0, target_modules=TARGETS)
     settings = dict(model_path=path, lora=lora, lr=LR, micro_batch_size=PROMPTS * SAMPLES, num_threads=threads)
-    return LearnerImpl(LearnerSettings(**{**settings, **changes}))
+    peft_lora = changes.pop("peft_lora", False)
+    impl = LearnerImpl(LearnerSettings(**{**settings, **changes}))
+    if peft_lora:  # back to peft's class: its forward is what FusedLoraLinear replaces
+        from peft.tuners.lora.layer import Linear
+
+        for module in impl.model.modules():
+            if isinstance(module, Linear):
+                module.__class__ = Linear
+    return impl
 
 
 def profile(impl, batch) -> None:
