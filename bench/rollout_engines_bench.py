@@ -3,11 +3,13 @@
 Both engines get the same chat-templated prompts (2-digit additions) and the same sampling settings, in one run, in
 one process; each is warmed up once, then timed `--repeat` times in alternation (hf, vllm, hf, vllm, ...), and the
 median is reported with the ratios to hf. Tokens counted are generated tokens (EOS included), not prompt tokens.
-`raw` is transformers `generate` on the hf engine's own model with the same sampling settings and nothing else (no
-log-prob recording, no seeding, no decoding): `hf / raw` is the engine's overhead (goal >= 0.95).
+`raw` is transformers `generate` on its own copy of the model, loaded with transformers' defaults (its `sdpa` attention
+and KV cache, `torch.multinomial` sampling), with the same sampling settings and nothing else (no log-prob recording,
+no seeding, no decoding): `hf / raw` is the engine's speed against plain transformers (goal >= 0.95).
+`--profile hf` (or `raw`) prints torch.profiler's top operators of one more call of that engine.
 
     .venv/bin/python bench/rollout_engines_bench.py [--engines hf,raw,vllm] [--model smollm2-135m-instruct]
-        [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2] [--repeat 2] [--json out.json]
+        [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2] [--repeat 2] [--json out.json] [--profile hf]
 """
 
 from __future__ import annotations
@@ -28,17 +30,20 @@ def build_prompts(tokenizer, count: int) -> list[str]:
 
 
 class RawGenerate:
-    """transformers `generate` alone on `hf`'s model: the floor the hf engine is measured against."""
+    """transformers `generate` alone, on a copy of `hf`'s model loaded with transformers' defaults."""
 
-    def __init__(self, hf):
+    def __init__(self, hf, path: str):
+        from transformers import AutoModelForCausalLM
+
         self.hf = hf
+        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
 
     def generate(self, prompts, params):
         import torch
 
         from posttrain.rollout.types import Completion, PromptResult
 
-        tok, model = self.hf.tokenizer, self.hf.model
+        tok, model = self.hf.tokenizer, self.model
         inputs = tok([p for p in prompts for _ in range(params.n)], return_tensors="pt", padding=True)
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         with torch.inference_mode():
@@ -78,6 +83,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each engine")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--profile", help="an engine name: profile one more call of it")
     args = parser.parse_args()
 
     from posttrain.models.loading import resolve_model_path
@@ -96,7 +102,7 @@ def main() -> None:
         if name == "vllm":
             engines[name] = VLLMEngine(path, max_batch_size=batch, num_threads=args.threads, kv_cache_gb=2)
         else:
-            engines[name] = RawGenerate(hf)
+            engines[name] = RawGenerate(hf, path)
         startup[name] = round(time.perf_counter() - start, 1)
     prompts = build_prompts(hf.tokenizer, args.prompts)
     params = SamplingParams(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
@@ -121,6 +127,12 @@ def main() -> None:
         **({"hf_over_raw": round(median["hf"] / median["raw"], 2)} if "raw" in median else {}),
     }
     print(json.dumps(result, indent=1))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engines[args.profile].generate(prompts, params)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
