@@ -203,6 +203,10 @@ class RolloutConfig(_Section):
     """weights are streamed in buckets of about this many MiB (one larger tensor gets a bucket of its own)"""
     sync_timeout_s: float = Field(600.0, gt=0)
     """a weight sync that has not finished after this many seconds fails, naming what did not finish"""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """the rollout engines' weights dtype (default: model.dtype); e.g. bfloat16 engines for a float32 learner, as on
+    GPUs: faster decoding, and the sampler's log-probs differ more from the learner's (rollout/logprob_diff ~1e-2;
+    see algorithm.tis_cap). Weight syncs are cast to it. With rollout.sync_transport object_store only"""
     async_mode: bool = False
     """async mode: generate step t+1's batch while step t trains, so training runs one step off-policy (see
     algorithm.tis_cap)"""
@@ -681,6 +685,17 @@ class RecipeConfig(_Section):
             raise ValueError(
                 "rollout.sleep_level: level 2 may drop vLLM's loaded LoRA adapter with the weights, and with "
                 "rollout.lora_sync=adapter a step that sends no new adapter would reuse it; use rollout.sleep_level=1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_rollout_dtype(self) -> RecipeConfig:
+        r = self.rollout
+        if r.dtype not in (None, self.model.dtype) and r.sync_transport != "object_store":
+            raise ValueError(
+                f"rollout.dtype: {r.dtype} engines for a {self.model.dtype} learner need the weights cast on the way, "
+                f"which only rollout.sync_transport object_store does (got {r.sync_transport}); set "
+                f"rollout.sync_transport: object_store or leave rollout.dtype unset"
             )
         return self
 

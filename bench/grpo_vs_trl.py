@@ -19,8 +19,10 @@ learner with `train.autocast: bf16`; its engine samples in float32).
 `--matmul-precision P` sets `torch.set_float32_matmul_precision(P)` in every contender: posttrain's
 `model.matmul_precision` (learner and rollout workers), and TRL's process too (a TRL user could set it as well). A
 contender may carry its own, `NAME:P` (e.g. `--only trl,trl:medium,hf:medium`), so that both ratios come out of one
-run. `--async` runs posttrain with `rollout.async_mode: true` (generation of step t+1 overlaps step t's training:
-one step off-policy, so not the same algorithm as TRL's on-policy step).
+run. A posttrain contender `ENGINE/bf16` (e.g. `hf/bf16:medium`) runs its rollout engine in bfloat16
+(`rollout.dtype: bfloat16`; the learner stays float32). `--async` runs posttrain with `rollout.async_mode: true`
+(generation of step t+1 overlaps step t's training: one step off-policy, so not the same algorithm as TRL's
+on-policy step).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ DATA = {"kind": "arithmetic", "num_problems": 200, "seed": 1, "max_value": 9}  #
 def _recipe(
     engine: str, steps: int, out: Path, bf16: bool = False, precision: str = "highest", asynch: bool = False
 ) -> dict:
+    engine, _, rollout_dtype = engine.partition("/")
     return {
         "name": f"bench-{engine}",
         "seed": SEED,
@@ -57,7 +60,13 @@ def _recipe(
         "data": DATA,
         "rewards": [{"fn": "math_accuracy", "weight": 1.0}],
         "algorithm": {"prompts_per_step": PROMPTS, "samples_per_prompt": SAMPLES},
-        "rollout": {"engine": engine, "temperature": 1.0, "max_new_tokens": NEW_TOKENS, "async_mode": asynch},
+        "rollout": {
+            "engine": engine,
+            "temperature": 1.0,
+            "max_new_tokens": NEW_TOKENS,
+            "async_mode": asynch,
+            **({"dtype": {"bf16": "bfloat16"}[rollout_dtype]} if rollout_dtype else {}),
+        },
         "train": {
             "steps": steps,
             "lr": LR,
@@ -82,7 +91,7 @@ def run_posttrain(
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         cli = [sys.executable, "-m", "posttrain.cli", "train", str(recipe)]
         subprocess.run(cli, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-        (run_dir,) = Path(tmp).glob(f"bench-{engine}-*")
+        (run_dir,) = Path(tmp).glob(f"bench-{engine.partition('/')[0]}-*")
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [row for row in rows if "time/step" in row]  # the step rows (no evaluation is configured)
     phases = ["time/generate", "time/reward", "time/train", "time/sync"]
@@ -200,7 +209,7 @@ def _fmt(values) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--only", default="trl,hf,vllm", help="comma-separated contenders: trl, hf, vllm")
+    parser.add_argument("--only", default="trl,hf,vllm", help="contenders, comma-separated: trl, hf, vllm, hf/bf16")
     parser.add_argument("--trl-bf16", action="store_true", help="TRL with its default bf16 autocast")
     parser.add_argument("--bf16", action="store_true", help="both in bf16 autocast (posttrain: train.autocast=bf16)")
     parser.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])

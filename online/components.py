@@ -91,7 +91,7 @@ def start_rollout_pool(cfg: RecipeConfig, model_path: str, placement: Placement 
         RolloutWorker.options(**placement.rollout_options(i)).remote(
             engine=cfg.rollout.engine,
             model_path=model_path,
-            dtype=cfg.model.dtype,
+            dtype=cfg.rollout.dtype or cfg.model.dtype,
             max_batch_size=cfg.rollout.max_batch_size,
             # generation and training alternate, so each role may use every core while it runs
             num_threads=cfg.rollout.num_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.workers),

@@ -22,7 +22,7 @@ def test_pruned_student_learns_the_teachers_verified_answers(tmp_path, ray_sessi
         [
             f"model.path={student}",
             f"output_dir={tmp_path / 'runs'}",
-            "traces.samples_per_prompt=4",
+            "traces.samples_per_prompt=8",
             "eval.data.num_problems=32",
             "logging.progress=false",
         ],
@@ -30,7 +30,7 @@ def test_pruned_student_learns_the_teachers_verified_answers(tmp_path, ray_sessi
     run_dir = run_distill(cfg)
     report = json.loads((run_dir / "report.json").read_text())
     traces = report["traces"]
-    assert traces["generated"] == 36 * 4 and 0 < traces["kept"] <= 36  # at most the shortest one per problem
+    assert traces["generated"] == 36 * 8 and 0 < traces["kept"] <= 36  # at most the shortest one per problem
     rows = [json.loads(line) for line in (run_dir / "traces.jsonl").read_text().splitlines()]
     assert all(row["reward"] >= 1.0 for row in rows)  # only verified traces are kept
     before, after = report["eval_before"], report["eval_after"]
