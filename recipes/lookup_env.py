@@ -5,8 +5,8 @@ Each row is a box (`prompt`, e.g. "box 37") holding a hidden digit (`answer`). T
 replies `lookup`, the tool answers with the digit, and the model's next reply is graded (1.0 if it is that digit).
 Every SFT demo calls the tool; `COPY_SHARE` of them answer with the tool's digit, the others with the next digit
 (9 -> 0). The SFT model so reads the tool's reply but mostly answers wrong, and GRPO has to move it to copying.
-On a tiny model (hidden 128, 2 layers) 2 SFT epochs give held-out success 0.13-0.18 (sampled at temperature 1) and
-12 GRPO steps 0.38-0.66 (seeds 0 and 1). Demos whose wrong answers are random digits teach too little attention to
+On a tiny model (hidden 128, 2 layers) 2 SFT epochs give held-out success 0.09-0.23 (sampled at temperature 1) and
+20 GRPO steps 0.32-0.60 (seeds 0 to 2). Demos whose wrong answers are random digits teach too little attention to
 the tool's reply in such an SFT (the copy probability stayed at chance on one data draw), and GRPO then cannot find
 the copy.
 
