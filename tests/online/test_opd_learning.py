@@ -1,7 +1,7 @@
 """On-policy distillation must move the student towards the teacher: the sampled reverse KL to the teacher on
 held-out prompts has to fall clearly.
-  - two tiny random models sharing a tokenizer (teacher seed 0, student seed 1); measured on 2 shared cores (~38 s
-    per loss): held-out 0.708 -> 0.174 (reverse_kl) and 0.708 -> 0.119 (jsd) in 15 steps;
+  - two tiny random models sharing a tokenizer (teacher seed 0, student seed 1); measured on 2 shared cores (~16 s
+    per loss): held-out 0.788 -> 0.177 (reverse_kl) and 0.788 -> 0.120 (jsd) in 15 steps;
   - recipes/opd_math.yaml: SmolLM2-135M-Instruct (the real demo model) teaches a tiny random student that shares its
     tokenizer (3-4 min on 2 cores at load 25-30; numbers in the README).
 """
@@ -51,7 +51,8 @@ def test_student_moves_towards_the_teacher(tmp_path, ray_session, opd):
     }
     held_out, train = _run(validate_config(raw), ray_session)  # evaluated at steps 0, 5, 10, 15
     assert len(held_out) == 4 and held_out[-1] < 0.5 * held_out[0], held_out
-    assert sum(train[-3:]) / 3 < 0.6 * train[0], train  # the per-step estimate is noisy: 16 samples of 8 tokens
+    # the per-step estimate is noisy (16 samples of 8 tokens): the last three steps against the first three
+    assert sum(train[-3:]) < 0.7 * sum(train[:3]), train
 
 
 @pytest.mark.slow
