@@ -12,7 +12,8 @@ step's metrics (same initial weights, so `loss`, `entropy`, `rollout/logprob_dif
 Variants (comma-separated): `ref` (the reference pass with kl_coef 0, as before it was dropped), `base` (no
 reference pass), `bf16` (train.autocast=bf16), `medium` (model.matmul_precision=medium: float32 matmuls on bf16
 inputs), `bucket` (train.micro_batch_tokens=1536: length-bucketed micro-batches), `peft` (peft's own LoRA forward
-instead of `FusedLoraLinear`); `A+B` combines variants. The
+instead of `FusedLoraLinear`), `padded` (every row's prompt and completion padding computed, as before
+`models/shared_prefix.py` grouped the rows by prompt); `A+B` combines variants. The
 matmul precision is per process, so it is set to each variant's own before each of its calls.
 `--profile NAME` prints torch.profiler's top ops of one step.
 """
@@ -30,6 +31,7 @@ VARIANTS = {
     "medium": dict(matmul_precision="medium"),
     "bucket": dict(micro_batch_tokens=1536),
     "peft": dict(peft_lora=True),
+    "padded": dict(padded=True),
 }
 
 
@@ -73,7 +75,9 @@ def learner(path: str, threads: int, **changes):
     lora = LoraSettings(rank=16, alpha=32, dropout=0.0, target_modules=TARGETS)
     settings = dict(model_path=path, lora=lora, lr=LR, micro_batch_size=PROMPTS * SAMPLES, num_threads=threads)
     peft_lora = changes.pop("peft_lora", False)
+    padded = changes.pop("padded", False)
     impl = LearnerImpl(LearnerSettings(**{**settings, **changes}))
+    impl.bench_padded = padded
     if peft_lora:  # back to peft's class: its forward is what FusedLoraLinear replaces
         from peft.tuners.lora.layer import Linear
 
@@ -100,22 +104,38 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    import posttrain.models.logprobs as logprobs_module
     from posttrain.learner.batch import micro_batches
+    from posttrain.models.shared_prefix import group_rows
 
     path, batch = rollout_batch(args.threads)
     lengths = batch.completion_lengths_B.float()
-    print(f"batch: {len(batch)} rows, prompt width {batch.prompt_width}, completion mean {lengths.mean():.1f} max")
+    print(
+        f"batch: {len(batch)} rows, prompt width {batch.prompt_width}, "
+        f"completion mean {lengths.mean():.1f} max {int(lengths.max())}"
+    )
     names = args.variants.split(",")
     impls = {name: learner(path, args.threads, **variant(name)) for name in names}
     for name, impl in impls.items():
         s = impl.settings
         mbs = micro_batches(batch, s.micro_batch_size, s.micro_batch_tokens)
-        print(f"{name}: {len(mbs)} micro-batches, {sum(mb.input_ids_BT.numel() for mb in mbs)} tokens with padding")
+        grouped = [
+            None if impl.bench_padded else group_rows(mb.input_ids_BT, mb.attention_mask_BT, mb.prompt_width)
+            for mb in mbs
+        ]
+        positions = sum(
+            mb.input_ids_BT.numel() if g is None else g.input_ids_GL.numel() for mb, g in zip(mbs, grouped, strict=True)
+        )
+        print(
+            f"{name}: {len(mbs)} micro-batches, {sum(mb.input_ids_BT.numel() for mb in mbs)} tokens with padding, "
+            f"{positions} positions through the body"
+        )
     seconds: dict[str, list[float]] = {name: [] for name in names}
     first: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name, impl in impls.items():
             torch.set_float32_matmul_precision(impl.settings.matmul_precision)
+            logprobs_module.group_rows = (lambda *_, **__: None) if impl.bench_padded else group_rows
             start = time.perf_counter()
             metrics = impl.train_step(batch)
             seconds[name].append(time.perf_counter() - start)
@@ -130,6 +150,7 @@ def main() -> None:
         )
     if args.profile:
         torch.set_float32_matmul_precision(impls[args.profile].settings.matmul_precision)
+        logprobs_module.group_rows = (lambda *_, **__: None) if impls[args.profile].bench_padded else group_rows
         profile(impls[args.profile], batch)
 
 

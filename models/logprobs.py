@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from posttrain.models.shared_prefix import group_rows, supports_grouping
+
 # rows of [*, V] processed at once in the chunked loops: ~16M elements (64 MB fp32) of temporaries per chunk
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -89,17 +91,27 @@ def token_logprobs(
     start = completion_start or 0
     if not 0 <= start < input_ids_BT.shape[1]:
         raise ValueError(f"completion_start must be in [1, {input_ids_BT.shape[1]}), got {completion_start}")
-    extra = {"logits_to_keep": _predicting_positions(input_ids_BT, start)} if start else {}
     packed = position_ids_BT is not None
     valid_BC = attention_mask_BT[:, start:].bool() if start else None
-    with _head_on_rows(model, valid_BC):
-        output = model(
-            input_ids=input_ids_BT,
-            attention_mask=None if packed else attention_mask_BT,
-            position_ids=position_ids_BT if packed else position_ids_from_mask(attention_mask_BT),
-            use_cache=False,
-            **extra,
-        )
+    grouped = group_rows(input_ids_BT, attention_mask_BT, start) if start and supports_grouping(model) else None
+    if grouped is not None:  # each distinct prompt once (models/shared_prefix.py); the head on completion tokens
+        with _head_on(model, grouped.input_ids_GL.shape, grouped.select):
+            output = model(
+                input_ids=grouped.input_ids_GL,
+                attention_mask=grouped.mask_G1LL,
+                position_ids=grouped.position_ids_GL,
+                use_cache=False,
+            )
+    else:
+        extra = {"logits_to_keep": _predicting_positions(input_ids_BT, start)} if start else {}
+        with _head_on_rows(model, valid_BC):
+            output = model(
+                input_ids=input_ids_BT,
+                attention_mask=None if packed else attention_mask_BT,
+                position_ids=position_ids_BT if packed else position_ids_from_mask(attention_mask_BT),
+                use_cache=False,
+                **extra,
+            )
     logits_BTV = output.logits
     del output  # keep only the logits alive
     if logits_BTV.dtype != torch.float32:
@@ -144,21 +156,32 @@ def _head_on_rows(model: nn.Module, valid_BC: torch.Tensor | None) -> Iterator[N
     A batch's completions are right-padded to the longest (on the GRPO bench 37% of the [B, C] positions were
     padding): the head's matmuls, the log-softmax over the vocabulary and its gradient skip them.
     """
-    head = model.get_output_embeddings() if valid_BC is not None else None
+    if valid_BC is None:
+        yield
+        return
+    with _head_on(model, valid_BC.shape, lambda hidden_BCH: hidden_BCH[valid_BC]):
+        yield
+
+
+@contextlib.contextmanager
+def _head_on(model: nn.Module, shape: torch.Size, select) -> Iterator[None]:
+    """Inside the block the model's LM head runs on `select(hidden)` instead of its input `hidden` when that input's
+    first two dimensions are `shape` (any other call is left alone); a model without an output embedding: no change."""
+    head = model.get_output_embeddings()
     if head is None:
         yield
         return
 
-    def select(_module, args):
-        if not args or args[0].shape[:2] != valid_BC.shape:  # not the [B, C, H] call this expects: leave it
+    def hook(_module, args):
+        if not args or args[0].shape[:2] != shape:  # not the [B, C, H] call this expects: leave it
             return None
-        return (args[0][valid_BC], *args[1:])
+        return (select(args[0]), *args[1:])
 
-    hook = head.register_forward_pre_hook(select)
+    handle = head.register_forward_pre_hook(hook)
     try:
         yield
     finally:
-        hook.remove()
+        handle.remove()
 
 
 def completion_logits(
