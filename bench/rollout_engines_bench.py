@@ -6,9 +6,11 @@ median is reported with the ratios to hf. Tokens counted are generated tokens (E
 `raw` is transformers `generate` on its own copy of the model, loaded with transformers' defaults (its `sdpa` attention
 and KV cache, `torch.multinomial` sampling), with the same sampling settings and nothing else (no log-prob recording,
 no seeding, no decoding): `hf / raw` is the engine's speed against plain transformers (goal >= 0.95).
-`--profile hf` (or `raw`) prints torch.profiler's top operators of one more call of that engine.
+`hf-every-row` is the hf engine with each sample's prompt computed (no shared prompt prefill): the same draws, so the
+same tokens, and its ratio is what sharing the prompts saves. `--profile hf` (or `raw`) prints torch.profiler's
+top operators of one more call of that engine.
 
-    .venv/bin/python bench/rollout_engines_bench.py [--engines hf,raw,vllm] [--model smollm2-135m-instruct]
+    .venv/bin/python bench/rollout_engines_bench.py [--engines hf,raw,vllm,hf-every-row] [--model smollm2-135m-instruct]
         [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2] [--repeat 2] [--json out.json] [--profile hf]
 """
 
@@ -74,7 +76,9 @@ def timed(engine, prompts, params) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", default="hf,vllm", help="hf first (the ratios' base), then raw and/or vllm")
+    parser.add_argument(
+        "--engines", default="hf,vllm", help="hf first (the ratios' base), then raw, vllm, hf-every-row"
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
@@ -101,6 +105,9 @@ def main() -> None:
         start = time.perf_counter()
         if name == "vllm":
             engines[name] = VLLMEngine(path, max_batch_size=batch, num_threads=args.threads, kv_cache_gb=2)
+        elif name == "hf-every-row":  # the hf engine computing each sample's prompt, as before prompts were shared
+            engines[name] = HFEngine(path, max_batch_size=batch)
+            engines[name]._prefill_distinct_prompts = lambda *_: None
         else:
             engines[name] = RawGenerate(hf, path)
         startup[name] = round(time.perf_counter() - start, 1)
@@ -125,6 +132,7 @@ def main() -> None:
         "tokens_per_s": {name: round(value, 1) for name, value in median.items()},
         **({"vllm_over_hf": round(median["vllm"] / median["hf"], 2)} if "vllm" in median else {}),
         **({"hf_over_raw": round(median["hf"] / median["raw"], 2)} if "raw" in median else {}),
+        **({"hf_over_every_row": round(median["hf"] / median["hf-every-row"], 2)} if "hf-every-row" in median else {}),
     }
     print(json.dumps(result, indent=1))
     if args.profile:

@@ -39,6 +39,7 @@ from transformers import (
 )
 
 from posttrain.models.loading import eos_token_ids, load_model, load_tokenizer
+from posttrain.models.logprobs import position_ids_from_mask
 from posttrain.rollout.engine import (
     InferenceEngine,
     Prompts,
@@ -47,7 +48,7 @@ from posttrain.rollout.engine import (
     tokenize_prompts,
     wake_tags,
 )
-from posttrain.rollout.kv_cache import preallocated_cache
+from posttrain.rollout.kv_cache import preallocated_cache, select_rows
 from posttrain.rollout.types import Completion, PromptResult, SamplingParams
 
 
@@ -148,6 +149,8 @@ class HFEngine(InferenceEngine):
         """One `generate` call on B <= max_batch_size left-padded prompts; returns B completions."""
         input_ids_BP, attention_mask_BP = _left_pad(prompt_ids, self.pad_token_id)
         prompt_width = input_ids_BP.shape[1]
+        cache = preallocated_cache(self.model.config, prompt_width + params.max_new_tokens)
+        self._prefill_distinct_prompts(prompt_ids, cache)
         sampler = _Sampler(params)
         stop_strings = (
             _FirstStopRecorder(StopStringCriteria(self._tokenizer, list(params.stop)), prompt_width)
@@ -162,7 +165,7 @@ class HFEngine(InferenceEngine):
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             use_cache=True,
-            past_key_values=preallocated_cache(self.model.config, prompt_width + params.max_new_tokens),
+            past_key_values=cache,
             logits_processor=LogitsProcessorList([sampler]),
             stopping_criteria=StoppingCriteriaList([stop_strings] if stop_strings else []),
         )
@@ -182,6 +185,32 @@ class HFEngine(InferenceEngine):
                 )
             )
         return completions
+
+    def _prefill_distinct_prompts(self, prompt_ids: list[list[int]], cache) -> None:
+        """Fill `cache` with every row's prompt but its last token, computing each distinct prompt once.
+
+        The n samples of a prompt are n rows with the same prompt; `generate` would run the prompt through the model
+        for each (on the GRPO bench, 32 rows of ~45 prompt tokens: a quarter of `generate`'s time). The distinct
+        prompts, left-padded to the same width, fill the cache once; their rows are then copied to every sample's
+        row, and `generate` starts from the last prompt token. Nothing is done when no prompt repeats or the prompts
+        are one token long (the cache stays empty and `generate` computes the prompts itself).
+        """
+        distinct: dict[tuple[int, ...], int] = {}
+        owner_B = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]
+        if len(distinct) == len(prompt_ids) or max(map(len, prompt_ids)) < 2:
+            return
+        ids_GP, mask_GP = _left_pad([list(ids) for ids in distinct], self.pad_token_id)
+        ids_GP, mask_GP = ids_GP[:, :-1].to(self.device), mask_GP[:, :-1].to(self.device)
+        self.model(
+            input_ids=ids_GP,
+            attention_mask=mask_GP,
+            position_ids=position_ids_from_mask(mask_GP),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if not select_rows(cache, torch.tensor(owner_B, device=self.device)):
+            cache.reset()
 
     def _completion_end(self, tokens: list[int], stop_string_length: int) -> tuple[int, str]:
         """(number of tokens to keep, finish reason): cut after the first EOS or the token completing a stop string.

@@ -53,6 +53,17 @@ class PreallocatedLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = None
         super().reset()
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (any order, repeats allowed) of the filled part, in new buffers of the capacity."""
+        length = self.get_seq_length()
+        keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        self._key_buffer = keys.new_empty(len(rows), keys.shape[1], self.capacity, keys.shape[-1])
+        self._value_buffer = values.new_empty(len(rows), values.shape[1], self.capacity, values.shape[-1])
+        self._key_buffer[:, :, :length].copy_(keys)
+        self._value_buffer[:, :, :length].copy_(values)
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
+
 
 def preallocated_cache(config, capacity: int) -> DynamicCache:
     """A `DynamicCache` for `config`'s model whose full-attention layers hold `capacity` positions without copying.
@@ -64,3 +75,15 @@ def preallocated_cache(config, capacity: int) -> DynamicCache:
         cache.layer_class_to_replicate = functools.partial(PreallocatedLayer, capacity)
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def select_rows(cache: DynamicCache, rows: torch.Tensor) -> bool:
+    """Make `cache` (from `preallocated_cache`, filled) hold its batch rows `rows` (repeats allowed: one computed
+    prompt becomes the cache of its n samples). False, and the cache unchanged, when a layer is not a filled
+    `PreallocatedLayer` (a sliding-window model), so the caller computes every row instead."""
+    layers = cache.layers
+    if not layers or not all(isinstance(layer, PreallocatedLayer) and layer.get_seq_length() for layer in layers):
+        return False
+    for layer in layers:
+        layer.select_rows(rows)
+    return True

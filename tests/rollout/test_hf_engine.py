@@ -140,6 +140,28 @@ def test_chunked_batches_match_one_batch(model_path, engine, prompts):
             torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
 
 
+def test_each_distinct_prompt_is_computed_once_with_the_same_samples(engine, prompts, monkeypatch):
+    """n samples of a prompt: the prompt (but its last token) runs through the model once, its cache is copied to the
+    n rows, and the draws, tokens and log-probs are those of computing every row's prompt."""
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=5)
+    widths = []
+    probe = engine.model.get_input_embeddings().register_forward_hook(lambda _m, a, _o: widths.append(a[0].shape))
+    try:
+        shared = engine.generate(prompts, params)
+        monkeypatch.setattr(HFEngine, "_prefill_distinct_prompts", lambda *_: None)
+        widths_shared, widths[:] = list(widths), []
+        every_row = engine.generate(prompts, params)
+    finally:
+        probe.remove()
+    P = max(len(r.prompt_token_ids) for r in shared)
+    assert widths_shared[:2] == [(len(prompts), P - 1), (3 * len(prompts), 1)]  # distinct prompts, then row by row
+    assert widths[0] == (3 * len(prompts), P)
+    for a, b in zip(shared, every_row, strict=True):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+        for ca, cb in zip(a.completions, b.completions, strict=True):
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
+
+
 def test_eos_ends_a_completion_and_is_kept(engine, prompts):
     # a hot temperature on the random model makes EOS (1 of ~360 tokens) show up in a few of 48 samples
     params = SamplingParams(n=16, temperature=3.0, max_new_tokens=24, seed=0)
