@@ -1,18 +1,11 @@
-"""The `hf` inference engine: transformers `generate` on one model, batched, with the sampler's per-token log-probs.
+"""The `hf` inference engine: a transformers model decoding batches of prompts with the sampler's per-token log-probs.
 
 Log-probs are what RL importance ratios are built on, so they must equal a teacher-forced recomputation
-`log_softmax(logits / T)` of the same model. They are recorded while generating by a logits processor
-(`_Sampler`) that sees the raw float32 logits. This keeps one `[B, V]` row per step in memory instead of
-`output_logits=True`, which would hold every step's logits (`B x T x V` floats: 20 GB for 64 x 512 tokens at a 151k
-vocabulary). For the same reason the model's own `generation_config` (a hub model's sampling defaults, repetition
-penalty, suppressed tokens) is replaced by one that holds only the special token ids: nothing but `SamplingParams`
-shapes the sampler.
-
-Sampling is the same processor's job too: `generate` runs in greedy mode and `_Sampler` hands it scores whose argmax is
-the token it drew from `softmax(logits / T)` (after top-k, then top-p, as `generate` orders its warpers) by inverting
-the float64 cumulative distribution with one uniform number per row. `generate`'s own sampler (`torch.multinomial`)
-draws an exponential number per vocabulary entry: 30 ms of each decoding step of 32 rows x 49k vocabulary on 2 CPU
-cores, a fifth of the hf engine's time on the GRPO bench, against 2 ms.
+`log_softmax(logits / T)` of the same model; nothing but `SamplingParams` shapes the sampler (a hub model's
+`generation_config` sampling defaults, repetition penalty or suppressed tokens are not used). The decoding loop, the
+sampler and why they are not transformers `generate` are in `hf_decode.py`. Two things keep it fast on small machines:
+the KV cache is written in place (`kv_cache.py`), and the n samples of a prompt share one computation of the prompt
+(`HFEngine._prefill_distinct_prompts`).
 
 Sleep (`rollout.sleep_level`): on a GPU, `sleep` moves the model to CPU memory and `wake_up(["weights"])` moves it
 back (levels 1 and 2 alike: this engine keeps no KV cache between calls and no other copy of the weights to refill
@@ -27,16 +20,7 @@ from collections.abc import Mapping, Sequence
 from os import PathLike
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    StopStringCriteria,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import StopStringCriteria
 
 from posttrain.models.loading import eos_token_ids, load_model, load_tokenizer
 from posttrain.models.logprobs import position_ids_from_mask
@@ -48,12 +32,13 @@ from posttrain.rollout.engine import (
     tokenize_prompts,
     wake_tags,
 )
+from posttrain.rollout.hf_decode import Sampler, decode
 from posttrain.rollout.kv_cache import preallocated_cache, select_rows
 from posttrain.rollout.types import Completion, PromptResult, SamplingParams
 
 
 class HFEngine(InferenceEngine):
-    """transformers `generate` behind the `InferenceEngine` interface.
+    """A transformers model behind the `InferenceEngine` interface.
 
     Args:
         model_path: a local HF folder or a name `posttrain.models.loading.load_model` resolves.
@@ -81,9 +66,6 @@ class HFEngine(InferenceEngine):
         self.model = load_model(str(model_path), dtype=dtype).to(self.device).eval()
         self.eos_token_ids = eos_token_ids(self._tokenizer, self.model.generation_config)
         self.pad_token_id = self._tokenizer.pad_token_id
-        self.model.generation_config = GenerationConfig(
-            bos_token_id=self._tokenizer.bos_token_id, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id
-        )
         # detached views sharing storage with the parameters: copying into them updates the model in place
         self._tensors = self.model.state_dict()
         self._asleep = False
@@ -146,54 +128,42 @@ class HFEngine(InferenceEngine):
         self._tensors = self.model.state_dict()  # `to` gives the parameters new storage: new views
 
     def _generate_batch(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """One `generate` call on B <= max_batch_size left-padded prompts; returns B completions."""
+        """B <= max_batch_size left-padded prompts decoded together (`hf_decode.decode`); returns B completions."""
         input_ids_BP, attention_mask_BP = _left_pad(prompt_ids, self.pad_token_id)
-        prompt_width = input_ids_BP.shape[1]
-        cache = preallocated_cache(self.model.config, prompt_width + params.max_new_tokens)
+        cache = preallocated_cache(self.model.config, input_ids_BP.shape[1] + params.max_new_tokens)
         self._prefill_distinct_prompts(prompt_ids, cache)
-        sampler = _Sampler(params)
-        stop_strings = (
-            _FirstStopRecorder(StopStringCriteria(self._tokenizer, list(params.stop)), prompt_width)
-            if params.stop
-            else None
+        stop = None
+        if params.stop:
+            criteria = StopStringCriteria(self._tokenizer, list(params.stop))
+            stop = lambda sequences_bS: criteria(sequences_bS, None)  # noqa: E731
+        decoded = decode(
+            self.model,
+            input_ids_BP.to(self.device),
+            attention_mask_BP.to(self.device),
+            cache,
+            Sampler(params, len(prompt_ids)),
+            params.max_new_tokens,
+            self.eos_token_ids,
+            stop,
         )
-        sequences_BS = self.model.generate(
-            input_ids=input_ids_BP.to(self.device),
-            attention_mask=attention_mask_BP.to(self.device),
-            do_sample=False,  # `sampler` draws the token; greedy decoding then picks it
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-            past_key_values=cache,
-            logits_processor=LogitsProcessorList([sampler]),
-            stopping_criteria=StoppingCriteriaList([stop_strings] if stop_strings else []),
-        )
-        new_tokens_BL = sequences_BS[:, prompt_width:].cpu()
-        logprobs_BL = sampler.finish(sequences_BS)[:, : new_tokens_BL.shape[1]].cpu()
-        stop_lengths_B = stop_strings.lengths(len(prompt_ids)) if stop_strings else [0] * len(prompt_ids)
-        completions = []
-        for row, tokens in enumerate(new_tokens_BL.tolist()):
-            end, finish_reason = self._completion_end(tokens, stop_lengths_B[row])
-            token_ids = tokens[:end]
-            completions.append(
-                Completion(
-                    token_ids=token_ids,
-                    text=self._tokenizer.decode(token_ids, skip_special_tokens=True),
-                    logprobs=logprobs_BL[row, :end].tolist(),
-                    finish_reason=finish_reason,
-                )
+        return [
+            Completion(
+                token_ids=row.token_ids,
+                text=self._tokenizer.decode(row.token_ids, skip_special_tokens=True),
+                logprobs=row.logprobs,
+                finish_reason=row.finish_reason,
             )
-        return completions
+            for row in decoded
+        ]
 
     def _prefill_distinct_prompts(self, prompt_ids: list[list[int]], cache) -> None:
         """Fill `cache` with every row's prompt but its last token, computing each distinct prompt once.
 
-        The n samples of a prompt are n rows with the same prompt; `generate` would run the prompt through the model
-        for each (on the GRPO bench, 32 rows of ~45 prompt tokens: a quarter of `generate`'s time). The distinct
+        The n samples of a prompt are n rows with the same prompt; decoding would run the prompt through the model
+        for each (on the GRPO bench, 32 rows of ~45 prompt tokens: a quarter of the decoding time). The distinct
         prompts, left-padded to the same width, fill the cache once; their rows are then copied to every sample's
-        row, and `generate` starts from the last prompt token. Nothing is done when no prompt repeats or the prompts
-        are one token long (the cache stays empty and `generate` computes the prompts itself).
+        row, and `decode` starts from the last prompt token. Nothing is done when no prompt repeats or the prompts
+        are one token long (the cache stays empty and `decode` computes the prompts itself).
         """
         distinct: dict[tuple[int, ...], int] = {}
         owner_B = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]
@@ -211,106 +181,6 @@ class HFEngine(InferenceEngine):
         )
         if not select_rows(cache, torch.tensor(owner_B, device=self.device)):
             cache.reset()
-
-    def _completion_end(self, tokens: list[int], stop_string_length: int) -> tuple[int, str]:
-        """(number of tokens to keep, finish reason): cut after the first EOS or the token completing a stop string.
-
-        `tokens` is the row of `generate`'s output after the prompt; rows that finished before the longest one are
-        filled with padding after their end. `stop_string_length` is the token count at which a stop string first
-        matched (0: never).
-        """
-        end = next((i + 1 for i, token in enumerate(tokens) if token in self.eos_token_ids), 0)
-        if stop_string_length and (not end or stop_string_length < end):
-            end = stop_string_length
-        return (end, "stop") if end else (len(tokens), "length")
-
-
-class _Sampler(LogitsProcessor):
-    """Draws each step's tokens and records `log_softmax(logits / temperature)` of each chosen token, one `[B]` row per
-    generated token (greedy: the raw logits' log-softmax, and `generate`'s argmax picks).
-
-    When sampling, the returned scores are -inf except 0 at the drawn token, so `generate` in greedy mode picks it.
-    The token is drawn from `softmax(logits / T)` restricted by top-k and then top-p (transformers' warpers, applied to
-    the log-probs) by inverse transform sampling: one uniform number per row against the float64 cumulative sum.
-
-    `generate` calls logits processors on step t's logits before picking token t, and the chosen token only shows up
-    as the last column of `input_ids` at step t + 1 (or in the final sequences), so each step's log-softmax is kept
-    until the next call.
-    """
-
-    def __init__(self, params: SamplingParams):
-        self.temperature = params.temperature or 1.0  # greedy log-probs come from the raw logits
-        self.sample = params.temperature > 0
-        self.warpers = []
-        if self.sample and params.top_k:
-            self.warpers.append(TopKLogitsWarper(params.top_k))
-        if self.sample and params.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(params.top_p))
-        self._pending_BV: torch.Tensor | None = None
-        self._logprobs: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._collect(input_ids)
-        logprobs_BV = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        self._pending_BV = logprobs_BV
-        if not self.sample:
-            return scores
-        warped_BV = logprobs_BV
-        for warper in self.warpers:
-            warped_BV = warper(input_ids, warped_BV)
-        tokens_B1 = draw(warped_BV)
-        return torch.full_like(scores, -torch.inf).scatter_(1, tokens_B1, 0.0)
-
-    def finish(self, sequences_BS: torch.Tensor) -> torch.Tensor:
-        """The recorded log-probs `[B, L]` for the L tokens `generate` produced (given its output sequences)."""
-        self._collect(sequences_BS)
-        if not self._logprobs:
-            return torch.zeros(sequences_BS.shape[0], 0)
-        return torch.stack(self._logprobs, dim=1)
-
-    def _collect(self, input_ids: torch.Tensor) -> None:
-        if self._pending_BV is not None:
-            self._logprobs.append(self._pending_BV.gather(1, input_ids[:, -1:]).squeeze(1))
-            self._pending_BV = None
-
-
-def draw(logits_BV: torch.Tensor) -> torch.Tensor:
-    """One token per row from `softmax(logits_BV)` (-inf entries never), `[B, 1]` long, by inverse transform sampling
-    with `torch.rand` (the caller's generator state decides the draw).
-
-    The cumulative sum is float64 so that tokens of probability ~1e-9 keep their share (in float32, increments below
-    ~3e-8 vanish next to a running sum near 1). Each row needs at least one finite entry.
-    """
-    cdf_BV = (logits_BV.double() - logits_BV.max(dim=-1, keepdim=True).values.double()).exp_().cumsum_(dim=-1)
-    total_B1 = cdf_BV[:, -1:]
-    # u < total strictly, so the first cdf entry above u is a token with non-zero probability
-    u_B1 = torch.minimum(torch.rand_like(total_B1) * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1)))
-    return torch.searchsorted(cdf_BV, u_B1, right=True).clamp_(max=logits_BV.shape[-1] - 1)
-
-
-class _FirstStopRecorder(StoppingCriteria):
-    """Wraps transformers' `StopStringCriteria` and remembers, per row, how many tokens it had when it first matched.
-
-    `generate` pads rows once they are done, so the match position is lost in its output; the engine needs it to cut
-    the completion right after the token that completes the stop string (including a match that began in the prompt).
-    """
-
-    def __init__(self, inner: StoppingCriteria, prompt_width: int):
-        self.inner = inner
-        self.prompt_width = prompt_width
-        self.lengths_B: torch.Tensor | None = None  # 0 = no match yet
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        done_B = self.inner(input_ids, scores, **kwargs)
-        if self.lengths_B is None:
-            self.lengths_B = torch.zeros(input_ids.shape[0], dtype=torch.long)
-        first_B = done_B.cpu() & (self.lengths_B == 0)
-        self.lengths_B[first_B] = input_ids.shape[1] - self.prompt_width
-        return done_B
-
-    def lengths(self, batch_size: int) -> list[int]:
-        """Per row, the number of generated tokens when a stop string first matched (0: never)."""
-        return [0] * batch_size if self.lengths_B is None else self.lengths_B.tolist()
 
 
 def _left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from posttrain.models.loading import load_model
-from posttrain.rollout.hf_engine import HFEngine, draw
+from posttrain.rollout import hf_decode
+from posttrain.rollout.hf_decode import draw
+from posttrain.rollout.hf_engine import HFEngine
 from posttrain.rollout.types import SamplingParams
 
 
@@ -174,6 +176,37 @@ def test_eos_ends_a_completion_and_is_kept(engine, prompts):
             assert c.token_ids[-1] == eos and eos not in c.token_ids[:-1]
         else:
             assert len(c.token_ids) == 24 and eos not in c.token_ids
+
+
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_if_they_stayed(engine, prompts, monkeypatch):
+    """Rows that ended (here mostly on a vowel: stop strings "a" ... "u") are dropped from the decoding batch; the other
+    rows' draws, tokens and log-probs are those of decoding every row to the end, as `generate` does."""
+    params = SamplingParams(n=16, temperature=3.0, max_new_tokens=24, seed=0, stop=tuple("aeiou"))
+    batch_sizes = []
+    probe = engine.model.get_input_embeddings().register_forward_hook(lambda _m, a, _o: batch_sizes.append(a[0].shape))
+    try:
+        dropped = engine.generate(prompts, params)
+        sizes_dropped, batch_sizes[:] = [s[0] for s in batch_sizes[1:]], []  # [0]: the distinct prompts' prefill
+        monkeypatch.setattr(hf_decode, "COMPACT_FRACTION", float("inf"))
+        kept = engine.generate(prompts, params)
+        sizes_kept = [s[0] for s in batch_sizes[1:]]
+    finally:
+        probe.remove()
+    rows = 16 * len(prompts)
+    lengths = [len(c.token_ids) for r in dropped for c in r.completions]
+    assert sum(length < 12 for length in lengths) > 16 and max(lengths) == 24  # something to drop, and rows to keep
+    assert sizes_kept == [rows] * 24
+    assert len(sizes_dropped) == 24 and sizes_dropped[0] == rows
+    assert sizes_dropped == sorted(sizes_dropped, reverse=True)
+    for step, size in enumerate(sizes_dropped):
+        live = sum(length > step for length in lengths)
+        # every live row is computed, and finished rows are carried along only while under an eighth of the batch
+        assert live <= size and (size == live or size - live < size * hf_decode.COMPACT_FRACTION)
+    assert sizes_dropped[-1] < rows / 2
+    for a, b in zip(dropped, kept, strict=True):
+        for ca, cb in zip(a.completions, b.completions, strict=True):
+            assert (ca.token_ids, ca.finish_reason) == (cb.token_ids, cb.finish_reason)
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
 
 
 def test_stop_string_cuts_after_the_completing_token(engine, prompts):
