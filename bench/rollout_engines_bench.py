@@ -7,11 +7,14 @@ median is reported with the ratios to hf. Tokens counted are generated tokens (E
 and KV cache, `torch.multinomial` sampling), with the same sampling settings and nothing else (no log-prob recording,
 no seeding, no decoding): `hf / raw` is the engine's speed against plain transformers (goal >= 0.95).
 `hf-every-row` is the hf engine with each sample's prompt computed (no shared prompt prefill): the same draws, so the
-same tokens, and its ratio is what sharing the prompts saves. `--profile hf` (or `raw`) prints torch.profiler's
+same tokens, and its ratio is what sharing the prompts saves. `hf-keep-rows` is the hf engine decoding finished rows to
+the end, as `generate` does (`hf_decode.COMPACT_FRACTION` = inf): the same tokens, and its ratio is what dropping
+finished rows saves. `--profile hf` (or `raw`) prints torch.profiler's
 top operators of one more call of that engine.
 
-    .venv/bin/python bench/rollout_engines_bench.py [--engines hf,raw,vllm,hf-every-row] [--model smollm2-135m-instruct]
-        [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2] [--repeat 2] [--json out.json] [--profile hf]
+    .venv/bin/python bench/rollout_engines_bench.py [--engines hf,raw,vllm,hf-every-row,hf-keep-rows]
+        [--model smollm2-135m-instruct] [--prompts 16] [--n 4] [--max-new-tokens 64] [--threads 2] [--repeat 2]
+        [--json out.json] [--profile hf]
 """
 
 from __future__ import annotations
@@ -66,6 +69,22 @@ class RawGenerate:
         return results
 
 
+class KeepFinishedRows:
+    """The hf engine `hf` with finished rows decoded to the end instead of dropped from the batch."""
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    def generate(self, prompts, params):
+        from posttrain.rollout import hf_decode
+
+        saved, hf_decode.COMPACT_FRACTION = hf_decode.COMPACT_FRACTION, float("inf")
+        try:
+            return self.hf.generate(prompts, params)
+        finally:
+            hf_decode.COMPACT_FRACTION = saved
+
+
 def timed(engine, prompts, params) -> tuple[float, int]:
     """(wall seconds, generated tokens) of one `generate` call."""
     start = time.perf_counter()
@@ -77,7 +96,9 @@ def timed(engine, prompts, params) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--engines", default="hf,vllm", help="hf first (the ratios' base), then raw, vllm, hf-every-row"
+        "--engines",
+        default="hf,vllm",
+        help="hf first (the ratios' base), then raw, vllm, hf-every-row, hf-keep-rows",
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=16)
@@ -108,8 +129,12 @@ def main() -> None:
         elif name == "hf-every-row":  # the hf engine computing each sample's prompt, as before prompts were shared
             engines[name] = HFEngine(path, max_batch_size=batch)
             engines[name]._prefill_distinct_prompts = lambda *_: None
-        else:
+        elif name == "hf-keep-rows":
+            engines[name] = KeepFinishedRows(hf)
+        elif name == "raw":
             engines[name] = RawGenerate(hf, path)
+        else:
+            parser.error(f"--engines: unknown engine {name!r} (hf, raw, vllm, hf-every-row, hf-keep-rows)")
         startup[name] = round(time.perf_counter() - start, 1)
     prompts = build_prompts(hf.tokenizer, args.prompts)
     params = SamplingParams(n=args.n, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
@@ -120,7 +145,7 @@ def main() -> None:
         for name, engine in engines.items():
             seconds, tokens = timed(engine, prompts, params)
             rates[name].append(tokens / seconds)
-            print(f"{name:5s} {tokens:6d} tokens in {seconds:7.2f} s = {tokens / seconds:7.1f} tokens/s", flush=True)
+            print(f"{name:12s} {tokens:6d} tokens in {seconds:7.2f} s = {tokens / seconds:7.1f} tokens/s", flush=True)
     median = {name: statistics.median(values) for name, values in rates.items()}
     result = {
         "model": args.model,
@@ -133,6 +158,7 @@ def main() -> None:
         **({"vllm_over_hf": round(median["vllm"] / median["hf"], 2)} if "vllm" in median else {}),
         **({"hf_over_raw": round(median["hf"] / median["raw"], 2)} if "raw" in median else {}),
         **({"hf_over_every_row": round(median["hf"] / median["hf-every-row"], 2)} if "hf-every-row" in median else {}),
+        **({"hf_over_keep_rows": round(median["hf"] / median["hf-keep-rows"], 2)} if "hf-keep-rows" in median else {}),
     }
     print(json.dumps(result, indent=1))
     if args.profile:
